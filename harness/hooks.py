@@ -1,0 +1,113 @@
+"""The technique plug-in protocol.
+
+A technique is a small object that acts on a run through a fixed set of hooks, called by the
+training loop in this order (see DESIGN.md):
+
+    prepare_model  -> once, after the model is built and before the optimizer exists
+                      (normalization swap, QAT, FP8)
+    prepare_batch  -> every step, before the forward pass (mixup, cutmix); may return soft targets
+    loss           -> every step: the first technique that returns a loss replaces cross-entropy
+                      (label smoothing, PS-KD, focal, squentropy)
+    after_backward -> every step, after backward (and after unscaling fp16 gradients), before the
+                      optimizer step (clipping: norm, AutoClip, AGC)
+    after_epoch    -> at the end of each epoch (PS-KD targets, EMA)
+    finalize       -> once, after training (temperature scaling, post-training quantization);
+                      returns metrics merged into the record
+
+A technique implements only the hooks it needs; the base class methods do nothing. Techniques
+keep state that must survive a resume in ``state_dict``/``load_state_dict`` and report
+statistics for the record in ``summary``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class RunContext:
+    """What a hook may look at. Filled by ``harness.experiment`` and updated by the loop."""
+
+    cfg: Any  # the resolved OmegaConf config of the run
+    device: torch.device
+    data: Any = None  # harness.data.DataBundle
+    model: nn.Module | None = None
+    optimizer: torch.optim.Optimizer | None = None
+    scaler: Any = None  # torch.amp.GradScaler when precision is fp16
+    total_steps: int = 0
+    steps_per_epoch: int = 0
+    epochs: int = 0
+    epoch: int = 0  # 0-based epoch currently running
+    step: int = 0  # optimizer steps taken so far
+    run_dir: str = ""
+    # free-form values techniques share with each other and with the record
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Batch:
+    """One training batch as the loop sees it.
+
+    ``y`` holds integer class labels (or next-token ids for language models). ``soft_targets``,
+    when set by ``prepare_batch``, is a (batch, classes) probability tensor that the loss uses
+    instead of ``y``. ``index`` holds each sample's position in the training split (on the device),
+    so per-sample state (PS-KD predictions) can be kept.
+    """
+
+    x: Tensor
+    y: Tensor
+    index: Tensor | None = None
+    soft_targets: Tensor | None = None
+
+
+class Technique:
+    """Base class: every hook is a no-op. Subclasses set ``name``, ``paper`` and ``description``."""
+
+    name: str = "technique"
+    description: str = ""
+    paper: str = ""
+
+    def prepare_model(self, model: nn.Module, ctx: RunContext) -> nn.Module:
+        return model
+
+    def prepare_batch(self, batch: Batch, ctx: RunContext) -> Batch:
+        return batch
+
+    def loss(self, logits: Tensor, batch: Batch, ctx: RunContext) -> Tensor | None:
+        return None
+
+    def after_backward(self, model: nn.Module, ctx: RunContext) -> None:
+        return None
+
+    def after_epoch(self, ctx: RunContext) -> None:
+        return None
+
+    def finalize(self, model: nn.Module, ctx: RunContext) -> dict[str, Any]:
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        return None
+
+    def summary(self) -> dict[str, Any]:
+        """Statistics for the record (e.g. fraction of steps clipped)."""
+        return {}
+
+
+def overrides(technique: Technique, hook: str) -> bool:
+    """True when ``technique`` implements ``hook`` itself (the loop skips no-op hooks)."""
+    return getattr(type(technique), hook) is not getattr(Technique, hook)
+
+
+def soft_cross_entropy(logits: Tensor, batch: Batch) -> Tensor:
+    """Cross-entropy against ``batch.soft_targets`` when present, else against labels ``y``."""
+    logits = logits.float()
+    if batch.soft_targets is not None:
+        return -(batch.soft_targets * torch.log_softmax(logits, dim=-1)).sum(-1).mean()
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch.y.reshape(-1))
