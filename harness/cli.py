@@ -1,0 +1,172 @@
+"""``harness`` command line: ``run`` hands the rest of argv to Hydra (so ``-m``, ``--cfg job``,
+``--help`` and ``hydra/launcher=...`` work as in any Hydra app); the other subcommands are
+plain argparse programs in their own modules.
+
+Exit codes: 0 ok, 1 a run failed or diverged (its record is written), 2 bad input (unknown
+subcommand, unknown config choice, invalid value, missing data): nothing was run.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+from pathlib import Path
+
+from harness.config import CONF_DIR, GROUPS, list_choices
+from harness.errors import ConfigError, DataMissingError
+from harness.registry import unknown_choice_message
+
+# subcommand -> "module:function" taking argv and returning an exit code
+SUBCOMMANDS = {
+    "leaderboard": "harness.leaderboard:cli",
+    "plot": "harness.plots_reliability:cli",
+    "bench": "harness.bench:cli",
+}
+USAGE = """usage: harness <command> [args]
+
+commands:
+  run [hydra overrides]     train one run (or a sweep with -m); e.g. harness run optimizer=adamp model=resnet18
+  list [group]              config groups and their choices (with each technique's paper)
+  leaderboard [options]     tables, plots and an HTML report from results/ (harness leaderboard --help)
+  plot reliability RUN_DIR  reliability diagram of a run, before/after post-hoc calibration
+  bench [options]           speed benchmarks (harness bench --help)
+"""
+
+
+def fail(message: str, code: int = 2) -> int:
+    print(f"harness: error: {message}", file=sys.stderr)
+    return code
+
+
+def check_overrides(args: list[str]) -> None:
+    """Reject unknown config choices and unwritable results dirs before Hydra starts, with the
+    list of valid choices (Hydra's own message would come with exit code 1 and a traceback hint)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    overrides = [a for a in args if not a.startswith("-") and "=" in a]
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception as e:  # Hydra's grammar errors already name the bad override
+        raise ConfigError(str(e)) from e
+    results_dir = "results"
+    for o in parsed:
+        key = o.key_or_group
+        if key == "results_dir" and not o.is_sweep_override():
+            results_dir = str(o.value())
+        if key not in GROUPS or o.is_delete():
+            continue
+        choices = list_choices(key)
+        values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
+        for v in values:
+            if v not in choices and not (key == "experiment" and v == "null"):
+                raise ConfigError(unknown_choice_message(key, v, choices))
+    check_writable(Path(results_dir))
+
+
+def check_writable(path: Path) -> None:
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"results_dir={path} is not writable ({probe} is not a writable directory)")
+
+
+def run(args: list[str]) -> int:
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from harness import experiment
+    from harness.config import register_schema
+
+    try:
+        check_overrides(args)
+    except ConfigError as e:
+        return fail(str(e))
+    register_schema()
+    state = {"code": 0}
+
+    def task(cfg):
+        hc = HydraConfig.get()
+        multirun = hc.mode == RunMode.MULTIRUN
+        run_dir = Path(hc.runtime.output_dir)
+        choices = {k: v for k, v in hc.runtime.choices.items() if not k.startswith("hydra") and v is not None}
+        try:
+            return experiment.execute(cfg, run_dir, choices, list(hc.overrides.task))
+        except (ConfigError, DataMissingError) as e:
+            if multirun:  # the launcher records this job as failed and runs the others
+                raise
+            print(f"harness: error: {e}", file=sys.stderr)
+            state["code"] = 2
+        except experiment.RunFailed as e:
+            if multirun:
+                raise
+            print(f"harness: {e}", file=sys.stderr)
+            state["code"] = 1
+
+    sys.argv = ["harness run", *args]
+    main = hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(task)
+    main()
+    return state["code"]
+
+
+def list_groups(args: list[str]) -> int:
+    import yaml
+
+    groups = args or [g for g in GROUPS]
+    for g in groups:
+        if g not in GROUPS:
+            return fail(unknown_choice_message("config group", g, list(GROUPS)))
+    for g in groups:
+        print(f"{g}:")
+        for choice in list_choices(g):
+            text = (CONF_DIR / g / f"{choice}.yaml").read_text()
+            try:
+                spec = yaml.safe_load(text) or {}
+            except yaml.YAMLError:
+                spec = {}
+            desc = spec.get("description") if isinstance(spec, dict) else None
+            if not desc:  # first comment line that is not a Hydra directive
+                desc = next((ln.lstrip("# ").strip() for ln in text.splitlines() if ln.startswith("#") and "@package" not in ln), "")
+            paper = spec.get("paper", "") if isinstance(spec, dict) else ""
+            line = f"  {choice:<22} {desc}"
+            if paper and paper not in desc:
+                line += f"  [{paper}]"
+            print(line.rstrip())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0 if argv else 2
+    cmd, rest = argv[0], argv[1:]
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
+    if cmd == "run":
+        code = run(rest)
+    elif cmd == "list":
+        code = list_groups(rest)
+    elif cmd in SUBCOMMANDS:
+        module, func = SUBCOMMANDS[cmd].split(":")
+        try:
+            fn = getattr(importlib.import_module(module), func)
+        except ModuleNotFoundError as e:
+            return fail(f"subcommand {cmd!r} is not available in this installation ({e})")
+        try:
+            code = fn(rest)
+        except (ConfigError, DataMissingError) as e:
+            code = fail(str(e))
+    else:
+        code = fail(unknown_choice_message("command", cmd, ["run", "list", *SUBCOMMANDS]))
+    return code
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

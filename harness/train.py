@@ -1,0 +1,393 @@
+"""The training loop: autocast (bf16 / fp16 with a gradient scaler / fp32), optional
+torch.compile and channels_last, technique hooks, per-step schedule, periodic evaluation,
+atomic epoch checkpoints with exact resume, and divergence detection.
+
+The hot loop never synchronises with the device except at log points (every
+``trainer.log_every`` steps) and at epoch ends: losses and the non-finite flag are accumulated
+as device tensors.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from harness.hooks import Batch, RunContext, Technique, overrides, soft_cross_entropy
+from harness.metrics import classification_metrics, perplexity
+from harness.records import atomic_write_text  # noqa: F401  (re-exported for techniques)
+
+log = logging.getLogger("harness")
+
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+class Diverged(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    if name == "auto":
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    return name
+
+
+def autocast_for(precision: str, device: torch.device):
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    if precision == "fp16":
+        return torch.autocast(device.type, dtype=torch.float16)
+    return nullcontext()
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Atomic: write to a temp file in the same directory, then rename over the old checkpoint."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    # weights_only: a checkpoint is tensors and plain Python values, never arbitrary pickles
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+class Progress:
+    """A rich progress bar on a terminal, plain log lines otherwise (CI, SLURM logs)."""
+
+    def __init__(self, mode: str, epochs: int, steps_per_epoch: int):
+        if mode == "auto":
+            mode = "bar" if sys.stdout.isatty() else "plain"
+        self.mode, self.epochs, self.spe = mode, epochs, steps_per_epoch
+        self.bar = None
+        if mode == "bar":
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(
+                TextColumn("epoch {task.fields[epoch]}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]:.4f}  {task.fields[rate]:.0f} samples/s"),
+                TimeRemainingColumn(),
+                transient=False,
+            )
+            self.bar.start()
+            self.task = None
+
+    def start_epoch(self, epoch: int) -> None:
+        if self.bar is not None:
+            if self.task is not None:
+                self.bar.remove_task(self.task)
+            self.task = self.bar.add_task("", total=self.spe, epoch=f"{epoch + 1}/{self.epochs}", loss=float("nan"), rate=0.0)
+
+    def update(self, epoch: int, step_in_epoch: int, loss: float, rate: float) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, completed=step_in_epoch, loss=loss, rate=rate)
+        elif self.mode == "plain":
+            log.info(f"epoch {epoch + 1}/{self.epochs} step {step_in_epoch}/{self.spe} loss {loss:.4f} {rate:.0f} samples/s")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+class Trainer:
+    def __init__(
+        self,
+        cfg,
+        ctx: RunContext,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler,
+        techniques: list[Technique],
+        logger=None,
+    ):
+        self.cfg, self.ctx, self.model, self.optimizer, self.scheduler = cfg, ctx, model, optimizer, scheduler
+        self.techniques = techniques
+        self.logger = logger
+        self.device = ctx.device
+        self.data = ctx.data
+        t = cfg.trainer
+        self.precision = resolve_precision(cfg.precision.name, self.device)
+        self.scaler = None
+        if self.precision == "fp16":
+            self.scaler = torch.amp.GradScaler(
+                self.device.type,
+                init_scale=float(cfg.precision.get("init_scale", 2.0**16)),
+                growth_interval=int(cfg.precision.get("growth_interval", 2000)),
+            )
+            ctx.scaler = self.scaler
+        self.channels_last = bool(t.channels_last) and self.device.type == "cuda" and cfg.model.get("family") == "cnn"
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.forward = torch.compile(self.model) if t.compile else self.model
+        self.run_dir = Path(ctx.run_dir)
+        self.ckpt_path = self.run_dir / CHECKPOINT_NAME
+        self.is_lm = self.data.task == "lm"
+        self.hooks = {h: [tq for tq in techniques if overrides(tq, h)] for h in ("prepare_batch", "loss", "after_backward", "after_epoch")}
+        ctx.extras["predict"] = self.predict
+        # progress state (restored on resume)
+        self.epoch = 0
+        self.step = 0
+        self.curve: list[dict[str, Any]] = []
+        self.train_s = 0.0
+        self.eval_s = 0.0
+        self.samples = 0
+        self.time_to_target: float | None = None
+        self.target_epoch: int | None = None
+        self.skipped_steps = torch.zeros((), device=self.device)
+        self.requeues = 0
+
+    # ---------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "techniques": {f"{i}:{tq.name}": tq.state_dict() for i, tq in enumerate(self.techniques)},
+            "epoch": self.epoch,
+            "step": self.step,
+            "curve": self.curve,
+            "train_s": self.train_s,
+            "eval_s": self.eval_s,
+            "samples": self.samples,
+            "time_to_target": self.time_to_target,
+            "target_epoch": self.target_epoch,
+            "skipped_steps": float(self.skipped_steps.item()),
+            "requeues": self.requeues,
+            "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
+            "run_key": self.ctx.extras.get("run_key"),
+        }
+
+    def load_state_dict(self, s: dict[str, Any]) -> None:
+        self.model.load_state_dict(s["model"])
+        self.optimizer.load_state_dict(s["optimizer"])
+        self.scheduler.load_state_dict(s["scheduler"])
+        if self.scaler is not None and s.get("scaler"):
+            self.scaler.load_state_dict(s["scaler"])
+        for i, tq in enumerate(self.techniques):
+            tq.load_state_dict(s["techniques"].get(f"{i}:{tq.name}", {}))
+        for k in ("epoch", "step", "curve", "train_s", "eval_s", "samples", "time_to_target", "target_epoch", "requeues"):
+            setattr(self, k, s[k])
+        self.skipped_steps.fill_(s.get("skipped_steps", 0.0))
+        torch.set_rng_state(s["rng_cpu"])
+        if self.device.type == "cuda" and s["rng_cuda"]:
+            torch.cuda.set_rng_state_all(s["rng_cuda"])
+
+    def checkpoint(self) -> None:
+        save_checkpoint(self.ckpt_path, self.state_dict())
+
+    # ---------------------------------------------------------------- evaluation
+    def _set_optimizer_mode(self, mode: str) -> None:
+        # schedule-free optimizers evaluate at a different point than they train (Defazio et al. 2024)
+        fn = getattr(self.optimizer, mode, None)
+        if callable(fn):
+            fn()
+
+    @torch.no_grad()
+    def predict(self, split) -> tuple[Tensor, Tensor]:
+        """Logits (float32) and labels of a whole classification split, kept on the device."""
+        was_training = self.model.training
+        self.model.eval()
+        self._set_optimizer_mode("eval")
+        logits, labels = [], []
+        with autocast_for(self.precision, self.device):
+            for batch in split.batches(self.cfg.trainer.eval_batch_size, train=False):
+                x = batch.x.contiguous(memory_format=torch.channels_last) if self.channels_last else batch.x
+                logits.append(self.forward(x).float())
+                labels.append(batch.y)
+        self._set_optimizer_mode("train")
+        self.model.train(was_training)
+        return torch.cat(logits), torch.cat(labels)
+
+    @torch.no_grad()
+    def lm_loss(self, split) -> float:
+        """Mean next-token cross-entropy over a whole token split."""
+        self.model.eval()
+        self._set_optimizer_mode("eval")
+        total = torch.zeros((), device=self.device, dtype=torch.float64)
+        count = 0
+        with autocast_for(self.precision, self.device):
+            for batch in split.batches(self.cfg.trainer.eval_batch_size, train=False):
+                logits = self.forward(batch.x).float()
+                total += torch.nn.functional.cross_entropy(
+                    logits.reshape(-1, logits.shape[-1]), batch.y.reshape(-1), reduction="sum"
+                )
+                count += batch.y.numel()
+        self._set_optimizer_mode("train")
+        self.model.train()
+        return total.item() / max(count, 1)
+
+    def evaluate(self, final: bool = False) -> dict[str, float]:
+        t0 = time.perf_counter()
+        out: dict[str, float] = {}
+        if self.is_lm:
+            for name, split in (("val", self.data.val), ("test", self.data.test)):
+                if split is not None and (name == "val" or final or self.data.val is None):
+                    loss = self.lm_loss(split)
+                    out[f"{name}_loss"], out[f"{name}_ppl"] = loss, perplexity(loss)
+        else:
+            logits, labels = self.predict(self.data.test)
+            out.update(classification_metrics(logits, labels, "test_"))
+            if final:
+                out.update(self.final_classification_metrics(logits, labels))
+        self.eval_s += time.perf_counter() - t0
+        return out
+
+    def final_classification_metrics(self, logits: Tensor, labels: Tensor) -> dict[str, float]:
+        try:
+            from harness.calibration_metrics import calibration_metrics
+        except ImportError:  # calibration metrics module not installed in this checkout
+            return {}
+        return calibration_metrics(logits, labels, prefix="test_")
+
+    # ---------------------------------------------------------------- training
+    def _loss(self, logits: Tensor, batch: Batch) -> Tensor:
+        for tq in self.hooks["loss"]:
+            loss = tq.loss(logits, batch, self.ctx)
+            if loss is not None:
+                return loss
+        return soft_cross_entropy(logits, batch)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _target_reached(self, metrics: dict[str, float]) -> bool:
+        target = self.cfg.trainer.target
+        if target is None:
+            return False
+        if self.is_lm:
+            ppl = metrics.get("val_ppl", metrics.get("test_ppl"))
+            return ppl is not None and ppl <= float(target)
+        return metrics.get("test_acc", -1.0) >= float(target)
+
+    def fit(self) -> dict[str, Any]:
+        cfg, ctx = self.cfg, self.ctx
+        t = cfg.trainer
+        epochs, bs = ctx.epochs, int(t.batch_size)
+        spe = ctx.steps_per_epoch
+        progress = Progress(t.progress, epochs, spe)
+        log_every = int(t.log_every)
+        nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
+        final_metrics: dict[str, float] = {}
+        self.model.train()
+        try:
+            while self.epoch < epochs and self.step < ctx.total_steps:
+                epoch = self.epoch
+                ctx.epoch = epoch
+                progress.start_epoch(epoch)
+                loss_sum = torch.zeros((), device=self.device)
+                n_steps = 0
+                self._sync()
+                t0 = time.perf_counter()
+                for i, batch in enumerate(self.data.train.batches(bs, train=True, epoch=epoch, seed=int(cfg.seed))):
+                    if self.step >= ctx.total_steps:
+                        break
+                    for tq in self.hooks["prepare_batch"]:
+                        batch = tq.prepare_batch(batch, ctx)
+                    x = batch.x.contiguous(memory_format=torch.channels_last) if self.channels_last else batch.x
+                    with autocast_for(self.precision, self.device):
+                        logits = self.forward(x)
+                    loss = self._loss(logits, batch)
+                    self.optimizer.zero_grad(set_to_none=True)
+                    if self.scaler is not None:
+                        self.scaler.scale(loss).backward()
+                        self.scaler.unscale_(self.optimizer)
+                    else:
+                        loss.backward()
+                    for tq in self.hooks["after_backward"]:
+                        tq.after_backward(self.model, ctx)
+                    if self.scaler is not None:
+                        scale = self.scaler._scale.clone()  # a step with inf/nan grads is skipped and lowers the scale
+                        self.scaler.step(self.optimizer)
+                        self.scaler.update()
+                        self.skipped_steps += (self.scaler._scale < scale).float()
+                    else:
+                        self.optimizer.step()
+                    self.scheduler.step()
+                    detached = loss.detach()
+                    loss_sum += detached
+                    if self.scaler is None:
+                        nonfinite |= ~torch.isfinite(detached)
+                    n_steps += 1
+                    self.step += 1
+                    ctx.step = self.step
+                    self.samples += batch.y.shape[0]
+                    if self.step % log_every == 0:  # log point: the only host syncs inside an epoch
+                        if nonfinite.item():
+                            raise Diverged(f"non-finite training loss at step {self.step} (epoch {epoch + 1})")
+                        rate = (n_steps * bs) / max(time.perf_counter() - t0, 1e-9)
+                        progress.update(epoch, i + 1, detached.item(), rate)
+                self._sync()
+                self.train_s += time.perf_counter() - t0
+                train_loss = (loss_sum / max(n_steps, 1)).item()
+                if nonfinite.item() or not math.isfinite(train_loss) and self.scaler is None:
+                    raise Diverged(f"non-finite training loss in epoch {epoch + 1} (step {self.step})")
+                for tq in self.hooks["after_epoch"]:
+                    tq.after_epoch(ctx)
+                self.epoch += 1
+                last = self.epoch >= epochs or self.step >= ctx.total_steps
+                point: dict[str, Any] = {
+                    "epoch": self.epoch,
+                    "step": self.step,
+                    "time_s": round(self.train_s + self.eval_s, 4),
+                    "lr": self.optimizer.param_groups[0]["lr"],
+                    "train_loss": train_loss,
+                }
+                if last or self.epoch % int(t.eval_every) == 0:
+                    metrics = self.evaluate(final=last)
+                    point.update({k: v for k, v in metrics.items() if not k.startswith("test_ece_bins")})
+                    if self.time_to_target is None and self._target_reached(metrics):
+                        self.time_to_target, self.target_epoch = self.train_s, self.epoch
+                    if last:
+                        final_metrics = metrics
+                self.curve.append(point)
+                evaluated = ", ".join(f"{k} {v:.4f}" for k, v in point.items() if k.startswith(("test_", "val_")) and isinstance(v, float))
+                log.info(f"epoch {self.epoch}/{epochs} train_loss {train_loss:.4f} {evaluated}")
+                if self.logger is not None:
+                    self.logger.log_epoch(self.epoch, point)
+                if int(t.checkpoint_every) and (self.epoch % int(t.checkpoint_every) == 0) and not last:
+                    self.checkpoint()
+                if ctx.extras.get("stop_after_epoch") == self.epoch and not last:
+                    raise KeyboardInterrupt(f"stopped after epoch {self.epoch} (test hook)")
+        finally:
+            progress.close()
+        if not final_metrics:  # resumed after the last epoch had already run: evaluate once more
+            final_metrics = self.evaluate(final=True)
+        final_metrics["train_loss"] = self.curve[-1]["train_loss"] if self.curve else float("nan")
+        return final_metrics
+
+    def summary(self) -> dict[str, Any]:
+        tokens = self.samples * (self.data.input_shape[0] if self.is_lm else 1)
+        out = {
+            "timing": {
+                "total_s": round(self.train_s + self.eval_s, 4),
+                "train_s": round(self.train_s, 4),
+                "eval_s": round(self.eval_s, 4),
+                "time_to_target_s": self.time_to_target,
+                "target_epoch": self.target_epoch,
+            },
+            "throughput": {"samples_per_s": self.samples / self.train_s if self.train_s else None},
+            "steps": self.step,
+            "epochs_completed": self.epoch,
+            "precision": self.precision,
+        }
+        if self.is_lm:
+            out["throughput"]["tokens_per_s"] = tokens / self.train_s if self.train_s else None
+        if self.scaler is not None:
+            out["grad_scaler"] = {"final_scale": float(self.scaler.get_scale()), "skipped_steps": int(self.skipped_steps.item())}
+        return out
