@@ -36,6 +36,9 @@ from harness.records import (
     write_record,
 )
 from harness.train import CHECKPOINT_NAME, Diverged, Trainer, load_checkpoint
+from techniques import build_techniques
+from techniques.optimizers import build_optimizer
+from techniques.schedules import build_schedule
 
 log = logging.getLogger("harness")
 
@@ -136,6 +139,8 @@ def execute(cfg: DictConfig, run_dir: Path, choices: dict[str, str], overrides: 
     device = pick_device()
     started = dt.datetime.now(dt.timezone.utc)
     try:
+        # techniques check their requirements (e.g. FP8 needs a GPU) before any data is loaded
+        techniques = build_techniques(cfg)
         data = build_dataset(cfg.dataset, cfg.data_dir, device, int(cfg.seed))
     except (ConfigError, DataMissingError):
         remove_if_unused(run_dir)
@@ -159,10 +164,6 @@ def execute(cfg: DictConfig, run_dir: Path, choices: dict[str, str], overrides: 
     trainer = None
     logger = None
     try:
-        from techniques import build_techniques
-        from techniques.optimizers import build_optimizer
-        from techniques.schedules import build_schedule
-
         t = cfg.trainer
         spe = data.train.num_batches(int(t.batch_size), True)
         epochs = int(t.epochs)
@@ -173,7 +174,6 @@ def execute(cfg: DictConfig, run_dir: Path, choices: dict[str, str], overrides: 
         ctx = RunContext(cfg=cfg, device=device, data=data, total_steps=total, steps_per_epoch=spe, epochs=epochs, run_dir=str(run_dir))
         ctx.extras["run_key"] = key
         ctx.extras.update(extras or {})
-        techniques = build_techniques(cfg)
         model = build_model(cfg.model, data).to(device)
         for tq in techniques:
             model = tq.prepare_model(model, ctx)
