@@ -1,0 +1,230 @@
+"""WikiText-2 and WikiText-103 (Merity et al. 2017, "Pointer Sentinel Mixture Models", CC BY-SA 3.0).
+
+Reads the tokenized release (``wiki.{train,valid,test}.tokens``, ``dataset.variant=tokens``) or the
+raw one (``wiki.*.raw``, ``variant=raw``) under ``data_dir``, in the directories the official zips
+unpack to (``wikitext-2/``, ``wikitext-2-raw/``, ``wikitext-103/``, ``wikitext-103-raw/``), and
+downloads the official zip when they are missing.
+
+Tokenizers (``dataset.tokenizer``):
+  word  vocabulary of the training split in first-appearance order, whitespace split, ``<eos>``
+        after every line (as in PyTorch's word_language_model example); words of valid/test that
+        the training split lacks map to ``<unk>``. WikiText-2: 33,278 types.
+  byte  the file's bytes, vocabulary 256.
+  gpt2  GPT-2 BPE through tiktoken (needs the package and its cached encoding files).
+Token ids are cached as .npy (uint16, or uint32 for larger vocabularies) in ``.harness-cache/``
+next to the text, keyed on tokenizer and the files' sizes and mtimes, so a second run starts at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from harness.data import DATASETS, download
+from harness.data.base import DataBundle
+from harness.data.tokens import TokenSplit, smallest_uint, unigram_perplexity
+from harness.errors import ConfigError, DataMissingError
+
+SPLITS = ("train", "valid", "test")
+TOKENIZERS = ("word", "byte", "gpt2")
+VARIANTS = ("tokens", "raw")
+CACHE_VERSION = 1
+_SMERITY, _S3 = "https://wikitext.smerity.com", "https://s3.amazonaws.com/research.metamind.io/wikitext"
+
+# (directories searched in order, archive name, md5 of the archive when known)
+SPECS = {
+    "wikitext2": {
+        "tokens": (["wikitext-2", "wikitext-2-v1"], "wikitext-2-v1.zip", "542ccefacc6c27f945fb54453812b3cd"),
+        "raw": (["wikitext-2-raw", "wikitext-2-raw-v1", "wikitext-2"], "wikitext-2-raw-v1.zip", None),
+    },
+    "wikitext103": {
+        "tokens": (["wikitext-103", "wikitext-103-v1"], "wikitext-103-v1.zip", "9ddaacaf6af0710eda8c456decff7832"),
+        "raw": (["wikitext-103-raw", "wikitext-103-raw-v1", "wikitext-103"], "wikitext-103-raw-v1.zip", None),
+    },
+}
+
+
+def split_files(root: Path, variant: str) -> dict[str, Path]:
+    suffix = "tokens" if variant == "tokens" else "raw"
+    return {s: root / f"wiki.{s}.{suffix}" for s in SPLITS}
+
+
+def find_wikitext(name: str, variant: str, data_dir: Path, download_ok: bool = True) -> dict[str, Path]:
+    dirs, archive, md5 = SPECS[name][variant]
+    for d in dirs:
+        files = split_files(data_dir / d, variant)
+        if all(p.is_file() for p in files.values()):
+            return files
+    expected = (
+        " or ".join(f"{data_dir / d}/" for d in dirs[:2])
+        + " with "
+        + ", ".join(p.name for p in split_files(Path(), variant).values())
+    )
+    if not download_ok:
+        raise DataMissingError(f"{name} not found: expected {expected} (dataset.download=false)")
+    download.download_and_extract(
+        [f"{_SMERITY}/{archive}", f"{_S3}/{archive}"], data_dir, md5, what=name, expected=expected
+    )
+    for d in dirs:
+        files = split_files(data_dir / d, variant)
+        if all(p.is_file() for p in files.values()):
+            return files
+    raise DataMissingError(f"{name}: {archive} unpacked into {data_dir} but {expected} is still missing")
+
+
+# -- tokenizers: each returns ({split: ids}, vocab_size, vocabulary list or None) -------------------------
+
+
+def _word_ids(path: Path, w2i: dict[str, int], grow: bool) -> np.ndarray:
+    chunks, buf = [], []
+    unk = w2i.get("<unk>", -1)
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            for w in line.split() + ["<eos>"]:
+                i = w2i.get(w)
+                if i is None:
+                    if grow:
+                        i = w2i[w] = len(w2i)
+                    else:
+                        i = unk
+                buf.append(i)
+            if len(buf) >= 1 << 20:  # bounded Python lists: WikiText-103 has 103M tokens
+                chunks.append(np.array(buf, dtype=np.int64))
+                buf = []
+    chunks.append(np.array(buf, dtype=np.int64))
+    return np.concatenate(chunks)
+
+
+def tokenize_word(files: dict[str, Path]):
+    w2i: dict[str, int] = {}
+    ids = {"train": _word_ids(files["train"], w2i, grow=True)}
+    w2i.setdefault("<unk>", len(w2i))  # the raw release has no <unk>; unseen words in valid/test need one
+    for s in ("valid", "test"):
+        ids[s] = _word_ids(files[s], w2i, grow=False)
+    return ids, len(w2i), list(w2i)
+
+
+def tokenize_byte(files: dict[str, Path]):
+    return {s: np.fromfile(p, dtype=np.uint8) for s, p in files.items()}, 256, None
+
+
+def gpt2_encoding():
+    try:
+        import tiktoken
+
+        return tiktoken.get_encoding("gpt2")
+    except Exception as e:  # ImportError, or no network and no cached encoding files
+        raise ConfigError(
+            f"dataset.tokenizer=gpt2 is unavailable ({type(e).__name__}: {e}). It needs `pip install tiktoken` and "
+            "the GPT-2 encoding files (downloaded on first use, or cached in TIKTOKEN_CACHE_DIR). "
+            "Use dataset.tokenizer=word (or byte) instead; valid choices: " + ", ".join(TOKENIZERS)
+        ) from e
+
+
+def tokenize_gpt2(files: dict[str, Path]):
+    enc = gpt2_encoding()
+    ids = {}
+    for s, p in files.items():
+        text = p.read_text(encoding="utf-8")
+        # encode in ~4 MB pieces cut after a newline so memory stays bounded on WikiText-103
+        pieces, start = [], 0
+        while start < len(text):
+            end = text.find("\n", start + (4 << 20))
+            end = len(text) if end < 0 else end + 1
+            pieces.append(text[start:end])
+            start = end
+        ids[s] = np.concatenate([np.asarray(t, dtype=np.int64) for t in enc.encode_ordinary_batch(pieces)] or [[]])
+    return ids, enc.n_vocab, None
+
+
+TOKENIZE = {"word": tokenize_word, "byte": tokenize_byte, "gpt2": tokenize_gpt2}
+
+
+# -- cache --------------------------------------------------------------------------------------------------
+
+
+def cache_paths(files: dict[str, Path], tokenizer: str) -> tuple[dict[str, Path], Path]:
+    stats = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files.values()]
+    key = hashlib.sha1(json.dumps([CACHE_VERSION, tokenizer, stats]).encode()).hexdigest()[:12]
+    d = files["train"].parent / ".harness-cache"
+    return {s: d / f"{tokenizer}-{key}.{s}.npy" for s in SPLITS}, d / f"{tokenizer}-{key}.json"
+
+
+def load_tokens(
+    files: dict[str, Path], tokenizer: str, log=print
+) -> tuple[dict[str, np.ndarray], int, list | None, bool]:
+    """Token ids per split, vocabulary size, vocabulary (word) and whether the cache was used."""
+    arrays, info = cache_paths(files, tokenizer)
+    if info.is_file() and all(p.is_file() for p in arrays.values()):
+        meta = json.loads(info.read_text())
+        return {s: np.load(p) for s, p in arrays.items()}, meta["vocab_size"], meta.get("vocab"), True
+    log(f"[harness] tokenizing {files['train'].parent} with the {tokenizer} tokenizer (cached for later runs)")
+    ids, vocab_size, vocab = TOKENIZE[tokenizer](files)
+    ids = {s: a.astype(smallest_uint(vocab_size)) for s, a in ids.items()}
+    try:
+        info.parent.mkdir(exist_ok=True)
+        for s, p in arrays.items():
+            tmp = p.with_name(p.name + ".tmp.npy")
+            np.save(tmp, ids[s])
+            os.replace(tmp, p)
+        tmp = info.with_name(info.name + ".tmp")
+        tmp.write_text(json.dumps({"tokenizer": tokenizer, "vocab_size": vocab_size, "vocab": vocab}))
+        os.replace(tmp, info)  # written last: its presence means the arrays are complete
+    except OSError as e:
+        log(f"[harness] could not cache token ids in {info.parent} ({e}); the next run tokenizes again")
+    return ids, vocab_size, vocab, False
+
+
+def build_wikitext(name: str, cfg, data_dir: Path, device, seed: int) -> DataBundle:
+    tokenizer, variant = str(cfg.get("tokenizer", "word")), str(cfg.get("variant", "tokens"))
+    if tokenizer not in TOKENIZERS:
+        raise ConfigError(f"dataset.tokenizer={tokenizer!r}; valid choices: {', '.join(TOKENIZERS)}")
+    if variant not in VARIANTS:
+        raise ConfigError(f"dataset.variant={variant!r}; valid choices: {', '.join(VARIANTS)}")
+    if tokenizer == "gpt2":
+        gpt2_encoding()  # fail on a missing tokenizer before looking for (or downloading) data
+    files = find_wikitext(name, variant, data_dir, bool(cfg.get("download", True)))
+    ids, vocab_size, vocab, cached = load_tokens(files, tokenizer, log=lambda m: print(m, file=sys.stderr))
+    context = int(cfg.get("context", 256))
+    steps = cfg.get("steps_per_epoch")
+    train = TokenSplit(ids["train"], context, device, steps_per_epoch=steps)
+    val = TokenSplit(ids["valid"], context, device)
+    test = TokenSplit(ids["test"], context, device)
+    meta = {
+        "source": f"{_SMERITY}/{SPECS[name][variant][1]}",
+        "license": "CC BY-SA 3.0",
+        "root": str(files["train"].parent),
+        "variant": variant,
+        "tokenizer": tokenizer,
+        "vocab_size": vocab_size,
+        "context": context,
+        "tokens": {s: int(len(a)) for s, a in ids.items()},
+        "unigram_ppl": unigram_perplexity(ids["train"], vocab_size),
+        "cached": cached,
+    }
+    return DataBundle(
+        name=name,
+        task="lm",
+        train=train,
+        test=test,
+        val=val,
+        num_classes=vocab_size,
+        input_shape=(context,),
+        class_names=None,
+        meta=meta,
+    )
+
+
+@DATASETS.register("wikitext2", "WikiText-2: 2.1M/218K/246K word tokens of Wikipedia articles", "Merity et al. 2017")
+def build_wikitext2(cfg, data_dir, device, seed) -> DataBundle:
+    return build_wikitext("wikitext2", cfg, Path(data_dir), device, seed)
+
+
+@DATASETS.register("wikitext103", "WikiText-103: 103M word tokens of Wikipedia articles", "Merity et al. 2017")
+def build_wikitext103(cfg, data_dir, device, seed) -> DataBundle:
+    return build_wikitext("wikitext103", cfg, Path(data_dir), device, seed)
