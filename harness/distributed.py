@@ -1,0 +1,276 @@
+"""Data-parallel training with ``torchrun``: ``torchrun --nproc_per_node=4 -m harness run ...``.
+
+* The process group is set up from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK,
+  MASTER_ADDR/PORT) before Hydra starts: NCCL on GPUs (one per local rank), gloo on CPU.
+* All ranks agree on one Hydra run directory: rank 0's clock is broadcast and substituted for
+  ``${now:...}`` in ``hydra.run.dir``, so there is one output folder, not one per rank.
+* ``trainer.batch_size`` is the *global* batch: each rank trains on ``batch_size / world_size``
+  samples per step of its own shard of the training split, and DistributedDataParallel averages
+  the gradients, so a run on N processes follows the same recipe (and learning rate) as a run on one.
+  Device-resident splits are sharded by index (each rank keeps only its shard on its device);
+  loader-based splits (image folders) use a ``DistributedSampler``; token streams draw different
+  random windows per rank. Evaluation runs on the full test split on every rank (no collectives).
+* Only rank 0 logs, checkpoints and writes the record (which states world size and global batch).
+
+Single-process runs never touch ``torch.distributed``: every helper here is a no-op for them.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import itertools
+import logging
+import os
+import re
+from typing import Any, Iterator
+
+import torch
+from torch import Tensor, nn
+
+from harness.errors import ConfigError
+
+log = logging.getLogger("harness")
+
+
+def env_world_size() -> int:
+    """World size announced by torchrun (1 outside torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_initialized() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def world_size() -> int:
+    return torch.distributed.get_world_size() if is_initialized() else 1
+
+
+def rank() -> int:
+    return torch.distributed.get_rank() if is_initialized() else 0
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def init_from_env() -> str | None:
+    """Join the process group torchrun describes; returns the backend, or None outside torchrun
+    (WORLD_SIZE unset or 1). On GPUs each process uses cuda:LOCAL_RANK."""
+    if env_world_size() <= 1 or is_initialized():
+        return torch.distributed.get_backend() if is_initialized() else None
+    missing = [k for k in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if missing:
+        raise ConfigError(f"WORLD_SIZE={env_world_size()} but {', '.join(missing)} unset: start distributed runs with torchrun")
+    backend = os.environ.get("HARNESS_DIST_BACKEND") or ("nccl" if torch.cuda.is_available() else "gloo")
+    if backend not in ("nccl", "gloo"):
+        raise ConfigError(f"HARNESS_DIST_BACKEND={backend!r}; valid choices: nccl, gloo")
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    torch.distributed.init_process_group(backend=backend, timeout=dt.timedelta(minutes=30))
+    if not is_main():  # only rank 0 talks; the others report warnings and errors
+        logging.getLogger("harness").setLevel(logging.WARNING)
+    return backend
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank."""
+    if not is_initialized():
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+NOW = re.compile(r"\$\{now:([^}]*)\}")
+
+
+def hydra_overrides(args: list[str], run_dir_pattern: str) -> list[str]:
+    """Extra Hydra overrides for a torchrun rank: the same run directory on every rank (rank 0's
+    clock replaces ``${now:...}``), and on ranks > 0 no ``.hydra/`` files and no log file of
+    their own. ``[]`` outside torchrun, for ``-m`` sweeps, or when the user set the run dir."""
+    if not is_initialized() or any(a in ("-m", "--multirun") for a in args):
+        return []
+    stamp = broadcast_object(dt.datetime.now() if is_main() else None)
+    out = []
+    if not any(a.split("=")[0].lstrip("+") == "hydra.run.dir" for a in args):
+        out.append("hydra.run.dir=" + NOW.sub(lambda m: stamp.strftime(m.group(1)), run_dir_pattern))
+    if not is_main():
+        out += ["hydra.output_subdir=null", "hydra/job_logging=disabled"]
+    return out
+
+
+def barrier() -> None:
+    if is_initialized():
+        torch.distributed.barrier()
+
+
+def shutdown() -> None:
+    if is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def any_true(flag: Tensor) -> bool:
+    """``flag.item()``, OR-ed over ranks, so every rank takes the same branch (e.g. divergence)."""
+    if not is_initialized():
+        return bool(flag.item())
+    t = flag.to(torch.float32).reshape(1)
+    if torch.distributed.get_backend() == "gloo":
+        t = t.cpu()
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def mean(value: Tensor) -> float:
+    """The mean of a scalar over ranks (e.g. an epoch's training loss), as a float."""
+    if not is_initialized():
+        return value.item()
+    t = value.detach().to(torch.float64).reshape(1)
+    if torch.distributed.get_backend() == "gloo":
+        t = t.cpu()
+    torch.distributed.all_reduce(t)
+    return t.item() / world_size()
+
+
+def wrap_model(model: nn.Module, device: torch.device, compile: bool = False) -> nn.Module:
+    """DistributedDataParallel around ``model`` (its parameters are broadcast from rank 0; then
+    ``torch.compile``d if asked), or ``model`` itself in a single process."""
+    if not is_initialized():
+        return torch.compile(model) if compile else model
+    from torch.nn.parallel import DistributedDataParallel
+
+    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return torch.compile(ddp) if compile else ddp
+
+
+def run_dir_pattern() -> str:
+    """``hydra.run.dir`` of conf/config.yaml, uninterpolated."""
+    from omegaconf import OmegaConf
+
+    from harness.config import CONF_DIR
+
+    return OmegaConf.to_container(OmegaConf.load(CONF_DIR / "config.yaml").hydra.run, resolve=False)["dir"]
+
+
+def describe(batch_size: int) -> dict[str, Any]:
+    w = world_size()
+    return {
+        "world_size": w,
+        "backend": torch.distributed.get_backend() if is_initialized() else None,
+        "global_batch_size": batch_size,
+        "per_rank_batch_size": batch_size // w,
+    }
+
+
+# ------------------------------------------------------------------------------------------ data sharding
+
+
+class Shard:
+    """One rank's view of a training split. ``batch_size`` arguments are global batch sizes;
+    the inner split is asked for ``batch_size / world`` samples per step, and every rank yields
+    the same number of steps per epoch (DDP would hang otherwise)."""
+
+    def __init__(self, inner, world: int, rank: int, seed_offset: int = 0, steps_of=None):
+        self.inner, self.world, self.rank = inner, world, rank
+        self.seed_offset = seed_offset  # decorrelates per-rank random draws where shards share data
+        self.steps_of = steps_of  # global batch -> steps per epoch, when not the inner split's own count
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def _local(self, batch_size: int) -> int:
+        if batch_size % self.world:
+            raise ConfigError(
+                f"trainer.batch_size={batch_size} is the global batch and must be divisible by the world size {self.world}"
+            )
+        return batch_size // self.world
+
+    def num_batches(self, batch_size: int, train: bool) -> int:
+        if self.steps_of is not None:
+            return self.steps_of(batch_size, train)
+        return self.inner.num_batches(self._local(batch_size), train)
+
+    def batches(self, batch_size: int, *, train: bool, epoch: int = 0, seed: int = 0) -> Iterator:
+        it = self.inner.batches(self._local(batch_size), train=train, epoch=epoch, seed=seed + self.seed_offset)
+        return itertools.islice(it, self.num_batches(batch_size, train))
+
+    def subset(self, index):
+        raise ConfigError("a sharded training split cannot be subset again; split off validation data before sharding")
+
+
+def shard_split(split, world: int, rank: int):
+    """Shard a training split for DDP (see the module docstring)."""
+    from harness.data.base import DeviceImageSplit
+
+    if isinstance(split, DeviceImageSplit):
+        n = len(split) - len(split) % world  # equal shards: every rank takes the same number of steps
+        index = torch.arange(rank, n, world, device=split.labels.device)
+        # different augmentation draws per rank; the shards themselves are disjoint
+        return Shard(split.subset(index), world, rank, seed_offset=rank * 7_919_001)
+    try:
+        from harness.data.imagefolder import FolderSplit
+    except ImportError:  # pragma: no cover - optional module
+        FolderSplit = ()  # noqa: N806
+    if FolderSplit and isinstance(split, FolderSplit):
+        return Shard(_sharded_folder(split, world, rank), world, rank)
+    try:
+        from harness.data.tokens import TokenSplit
+    except ImportError:  # pragma: no cover
+        TokenSplit = ()  # noqa: N806
+    if TokenSplit and isinstance(split, TokenSplit):
+        # random windows of one shared stream: different draws per rank, the single-process step count
+        return Shard(split, world, rank, seed_offset=rank * 7_919_001, steps_of=lambda b, train: split.num_batches(b, train))
+    raise ConfigError(f"distributed training does not know how to shard a {type(split).__name__} training split")
+
+
+def _sharded_folder(split, world: int, rank: int):
+    """A FolderSplit whose training loaders use a DistributedSampler (a fresh global shuffle every
+    epoch, then each rank takes every ``world``-th sample)."""
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    from harness.data.base import epoch_generator
+    from harness.data.imagefolder import FolderSplit
+
+    class EpochDistributedSampler(DistributedSampler):
+        """DistributedSampler whose items are ``(index, augmentation seed)``, as FolderSplit expects."""
+
+        def __iter__(self):
+            order = list(super().__iter__())
+            base = int(torch.randint(0, 2**62, (1,), generator=epoch_generator(self.seed, self.epoch, salt=1)))
+            return ((i, base + i) for i in order)
+
+    class ShardedFolderSplit(FolderSplit):
+        def num_batches(self, batch_size: int, train: bool) -> int:
+            if train:
+                return max(1, (len(self) // world) // batch_size)
+            return super().num_batches(batch_size, train)
+
+        def _loader(self, batch_size: int, train: bool) -> DataLoader:
+            loader = super()._loader(batch_size, train)
+            if train and not isinstance(loader.sampler, DistributedSampler):
+                sampler = EpochDistributedSampler(range(len(self)), num_replicas=world, rank=rank, shuffle=True, drop_last=True)
+                loader = DataLoader(
+                    loader.dataset,
+                    batch_size=batch_size,
+                    sampler=sampler,
+                    num_workers=loader.num_workers,
+                    drop_last=True,
+                    pin_memory=loader.pin_memory,
+                    persistent_workers=loader.persistent_workers,
+                    prefetch_factor=loader.prefetch_factor,
+                )
+                self._loaders[(train, batch_size)] = loader
+            return loader
+
+    out = object.__new__(ShardedFolderSplit)
+    out.__dict__.update(split.__dict__)
+    out._loaders = {}
+    return out
+
+
+def shard_data(data):
+    """The DataBundle with its training split sharded for this rank (unchanged in one process)."""
+    if not is_initialized() or world_size() == 1:
+        return data
+    import dataclasses
+
+    return dataclasses.replace(data, train=shard_split(data.train, world_size(), rank()))
