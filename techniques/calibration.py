@@ -9,7 +9,7 @@ Design. Every calibrator is a ``Technique`` that acts in two hooks:
   ``predict(split) -> (logits, labels)`` evaluating the final model on a split. The calibrator fits on
   ``ctx.data.val`` (carved from the training set, so fitting on test is impossible by construction),
   applies the map to ``ctx.data.test`` and returns ``{"metrics": {test_<metric>_after: ...},
-  "params": {...fitted parameters...}}``; the loop merges the metrics into ``record["metrics"]`` (the
+  "params": {...fitted parameters...}, "reliability": {"before": bins, "after": bins}}``; the loop merges the metrics into ``record["metrics"]`` (the
   "before" values ``test_<metric>`` come from ``harness.calibration_metrics`` for every classification
   run) and the params into ``record["techniques"]["calibration"]``. Test logits before and after are saved
   to ``<run_dir>/calibration_logits.pt`` for ``harness plot reliability RUN_DIR``.
@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from harness.calibration_metrics import calibration_metrics
+from harness.calibration_metrics import calibration_metrics, reliability_bins
 from harness.errors import ConfigError
 from harness.hooks import RunContext, Technique
 from techniques import register
@@ -54,7 +54,7 @@ class PostHocCalibrator(Technique):
     """Shared hooks; subclasses implement ``fit(logits, labels)``, ``transform(logits)`` and ``params()``."""
 
     def __init__(self, **hyperparams: Any):
-        self.fitted = False
+        self.fit_samples = 0
         if hyperparams:
             valid = [p for p in inspect.signature(type(self).__init__).parameters if p not in ("self", "hyperparams")]
             raise ConfigError(
@@ -89,7 +89,7 @@ class PostHocCalibrator(Technique):
         val_logits, val_labels = predict(ctx.data.val)
         test_logits, test_labels = predict(ctx.data.test)
         self.fit(val_logits.float(), val_labels)
-        self.fitted = True
+        self.fit_samples = len(val_labels)
         with torch.no_grad():
             calibrated = self.transform(test_logits.float())
         after = calibration_metrics(calibrated, test_labels, prefix="test_")
@@ -107,10 +107,15 @@ class PostHocCalibrator(Technique):
                 },
                 Path(ctx.run_dir) / LOGITS_FILE,
             )
-        return {"metrics": metrics, "params": self.params()}
+        reliability = {
+            "before": reliability_bins(test_logits.float().softmax(-1), test_labels),
+            "after": reliability_bins(calibrated.float().softmax(-1), test_labels),
+        }
+        return {"metrics": metrics, "params": self.params(), "reliability": reliability}
 
     def summary(self) -> dict[str, Any]:
-        return self.params() if self.fitted else {}
+        # the fitted parameters reach the record through finalize's "params"
+        return {"fit_split": "val", "fit_samples": self.fit_samples}
 
 
 @register(

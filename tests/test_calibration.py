@@ -224,7 +224,7 @@ def test_finalize_from_config_reports_after_metrics_params_and_saves_logits(tmp_
     before = calibration_metrics(test, test_y)
     assert out["metrics"]["test_ece_after"] < before["test_ece"]
     assert set(out["metrics"]) >= {f"{k}_after" for k in before}
-    assert out["params"] and tech.summary() == out["params"]
+    assert out["params"] and tech.summary() == {"fit_split": "val", "fit_samples": 2000}
     saved = torch.load(tmp_path / LOGITS_FILE)
     assert torch.equal(saved["logits"], test) and torch.equal(saved["labels"], test_y)
     assert calibration_metrics(saved["calibrated"], test_y)["test_ece"] == pytest.approx(
@@ -250,3 +250,23 @@ def test_unknown_calibration_hyperparameter_names_the_valid_ones():
     cfg = OmegaConf.create({"calibration": {"name": "platt"}})
     with pytest.raises(ConfigError, match="temperature"):
         build_techniques(cfg)
+
+
+def test_reliability_plot_command_draws_before_and_after(tmp_path):
+    from harness.cli import main
+
+    (tech,) = build_techniques(calibration_cfg("temperature"))
+    ctx, *_ = fake_run(tmp_path)
+    out = tech.finalize(torch.nn.Identity(), ctx)
+    assert sum(out["reliability"]["before"]["count"]) == sum(out["reliability"]["after"]["count"]) == 3000
+    (tmp_path / "result.json").write_text('{"task": {"name": "synthetic"}, "seed": 0}')
+    assert main(["plot", "reliability", str(tmp_path)]) == 0
+    png = tmp_path / "reliability.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    # a run without a logits file or bins is refused with a message naming the file
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ConfigError, match="calibration_logits.pt"):
+        from harness.plots_reliability import cli
+
+        cli(["reliability", str(empty)])
