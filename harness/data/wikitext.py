@@ -27,7 +27,7 @@ import numpy as np
 
 from harness.data import DATASETS, download
 from harness.data.base import DataBundle
-from harness.data.tokens import TokenSplit, smallest_uint, unigram_perplexity
+from harness.data.tokens import TokenSplit, smallest_uint, unigram_model_perplexity, unigram_perplexity
 from harness.errors import ConfigError, DataMissingError
 
 SPLITS = ("train", "valid", "test")
@@ -204,7 +204,8 @@ def build_wikitext(name: str, cfg, data_dir: Path, device, seed: int) -> DataBun
         "vocab_size": vocab_size,
         "context": context,
         "tokens": {s: int(len(a)) for s, a in ids.items()},
-        "unigram_ppl": unigram_perplexity(ids["train"], vocab_size),
+        "unigram_ppl": unigram_perplexity(ids["train"], vocab_size),  # exp(entropy) of the training split
+        "unigram_ppl_valid": unigram_model_perplexity(ids["train"], ids["valid"], vocab_size),
         "cached": cached,
     }
     return DataBundle(
