@@ -8,11 +8,12 @@ Design. Every calibrator is a ``Technique`` that acts in two hooks:
 - ``finalize`` runs after training. The loop provides ``ctx.extras["predict"]``, a callable
   ``predict(split) -> (logits, labels)`` evaluating the final model on a split. The calibrator fits on
   ``ctx.data.val`` (carved from the training set, so fitting on test is impossible by construction),
-  applies the map to ``ctx.data.test`` and returns ``{"metrics": {test_<metric>_after: ...},
-  "params": {...fitted parameters...}, "reliability": {"before": bins, "after": bins}}``; the loop merges the metrics into ``record["metrics"]`` (the
-  "before" values ``test_<metric>`` come from ``harness.calibration_metrics`` for every classification
-  run) and the params into ``record["techniques"]["calibration"]``. Test logits before and after are saved
-  to ``<run_dir>/calibration_logits.pt`` for ``harness plot reliability RUN_DIR``.
+  applies the map to ``ctx.data.test`` and returns ``{"metrics": {test_<metric>_after: ...}, "params":
+  {...fitted parameters...}, "reliability": {"before": bins, "after": bins}}``. The loop merges the metrics
+  into ``record["metrics"]`` (the "before" values ``test_<metric>`` come from ``harness.calibration_metrics``
+  for every classification run) and the params into ``record["techniques"][<name>]["params"]``. Test
+  logits before and after are saved to ``<run_dir>/calibration_logits.pt`` for
+  ``harness plot reliability RUN_DIR``.
 
 Calibrators work on (N, C) float32 tensors on the run's device and output calibrated *logits* (log-
 probabilities for the non-parametric ones), so every metric is computed the same way before and after.
@@ -88,13 +89,14 @@ class PostHocCalibrator(Technique):
         predict = ctx.extras["predict"]
         val_logits, val_labels = predict(ctx.data.val)
         test_logits, test_labels = predict(ctx.data.test)
-        self.fit(val_logits.float(), val_labels)
+        with torch.enable_grad():  # fitting needs autograd even if the caller runs under no_grad
+            self.fit(val_logits.float(), val_labels)
         self.fit_samples = len(val_labels)
         with torch.no_grad():
             calibrated = self.transform(test_logits.float())
+            val_after = calibration_metrics(self.transform(val_logits.float()), val_labels, prefix="val_")
         after = calibration_metrics(calibrated, test_labels, prefix="test_")
         metrics = {f"{k}_after": v for k, v in after.items()}
-        val_after = calibration_metrics(self.transform(val_logits.float()).detach(), val_labels, prefix="val_")
         metrics["val_nll_after"] = val_after["val_nll"]
         if ctx.run_dir:
             torch.save(
