@@ -22,7 +22,8 @@ import itertools
 import logging
 import os
 import re
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -60,7 +61,9 @@ def init_from_env() -> str | None:
         return torch.distributed.get_backend() if is_initialized() else None
     missing = [k for k in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
     if missing:
-        raise ConfigError(f"WORLD_SIZE={env_world_size()} but {', '.join(missing)} unset: start distributed runs with torchrun")
+        raise ConfigError(
+            f"WORLD_SIZE={env_world_size()} but {', '.join(missing)} unset: start distributed runs with torchrun"
+        )
     backend = os.environ.get("HARNESS_DIST_BACKEND") or ("nccl" if torch.cuda.is_available() else "gloo")
     if backend not in ("nccl", "gloo"):
         raise ConfigError(f"HARNESS_DIST_BACKEND={backend!r}; valid choices: nccl, gloo")
@@ -218,7 +221,9 @@ def shard_split(split, world: int, rank: int):
         TokenSplit = ()  # noqa: N806
     if TokenSplit and isinstance(split, TokenSplit):
         # random windows of one shared stream: different draws per rank, the single-process step count
-        return Shard(split, world, rank, seed_offset=rank * 7_919_001, steps_of=lambda b, train: split.num_batches(b, train))
+        return Shard(
+            split, world, rank, seed_offset=rank * 7_919_001, steps_of=lambda b, train: split.num_batches(b, train)
+        )
     raise ConfigError(f"distributed training does not know how to shard a {type(split).__name__} training split")
 
 
@@ -247,7 +252,9 @@ def _sharded_folder(split, world: int, rank: int):
         def _loader(self, batch_size: int, train: bool) -> DataLoader:
             loader = super()._loader(batch_size, train)
             if train and not isinstance(loader.sampler, DistributedSampler):
-                sampler = EpochDistributedSampler(range(len(self)), num_replicas=world, rank=rank, shuffle=True, drop_last=True)
+                sampler = EpochDistributedSampler(
+                    range(len(self)), num_replicas=world, rank=rank, shuffle=True, drop_last=True
+                )
                 loader = DataLoader(
                     loader.dataset,
                     batch_size=batch_size,

@@ -26,6 +26,10 @@ def in_submitit_job() -> bool:
 
 
 def _exit_failed() -> None:
+    print(
+        f"harness: the run did not finish ok; exiting with status {EXIT_FAILED} so the scheduler reports the job as failed",
+        file=sys.stderr,
+    )
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         try:

@@ -38,7 +38,8 @@ def test_torchrun_two_ranks_matches_single_process(tmp_path):
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     run([sys.executable, "-m", "harness", "run", *ARGS, f"results_dir={single}"], tmp_path)
     proc = run(
-        ["torchrun", "--standalone", "--nproc_per_node=2", "-m", "harness", "run", *ARGS, f"results_dir={ddp}"], tmp_path
+        ["torchrun", "--standalone", "--nproc_per_node=2", "-m", "harness", "run", *ARGS, f"results_dir={ddp}"],
+        tmp_path,
     )
 
     (one,), recs = records(single), records(ddp)
@@ -48,11 +49,18 @@ def test_torchrun_two_ranks_matches_single_process(tmp_path):
     assert len(list((ddp / "runs").glob("*/*"))) == 1
     assert rec["status"] == "ok"
     assert rec["hardware"]["world_size"] == 2
-    assert rec["distributed"] == {"world_size": 2, "backend": "gloo", "global_batch_size": 64, "per_rank_batch_size": 32}
+    assert rec["distributed"] == {
+        "world_size": 2,
+        "backend": "gloo",
+        "global_batch_size": 64,
+        "per_rank_batch_size": 32,
+    }
     assert one["distributed"]["world_size"] == 1
     # same recipe: same steps, same samples per epoch, same run_key (same experiment)
     assert rec["steps"] == one["steps"]
-    assert rec["run_key"] == one["run_key"], [(k, v, one["config"].get(k)) for k, v in rec["config"].items() if one["config"].get(k) != v]
+    assert rec["run_key"] == one["run_key"], [
+        (k, v, one["config"].get(k)) for k, v in rec["config"].items() if one["config"].get(k) != v
+    ]
     assert rec["curve"][-1]["epoch"] == 4
     assert abs(rec["metrics"]["test_acc"] - one["metrics"]["test_acc"]) <= TOLERANCE, (rec["metrics"], one["metrics"])
     assert rec["metrics"]["test_acc"] > 0.85  # it learned
