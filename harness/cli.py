@@ -22,7 +22,6 @@ from harness.registry import unknown_choice_message
 SUBCOMMANDS = {
     "leaderboard": "harness.leaderboard:cli",
     "plot": "harness.plots_reliability:cli",
-    "bench": "harness.bench:cli",
 }
 USAGE = """usage: harness <command> [args]
 
@@ -31,7 +30,6 @@ commands:
   list [group]              config groups and their choices (with each technique's paper)
   leaderboard [options]     tables, plots and an HTML report from results/ (harness leaderboard --help)
   plot reliability RUN_DIR  reliability diagram of a run, before/after post-hoc calibration
-  bench [options]           speed benchmarks (harness bench --help)
 """
 
 
@@ -55,6 +53,8 @@ def check_overrides(args: list[str]) -> None:
         key = o.key_or_group
         if key == "results_dir" and not o.is_sweep_override():
             results_dir = str(o.value())
+        if (key.startswith("trainer.") or key == "seed") and not o.is_delete():
+            check_type(key, o)
         if key not in GROUPS or o.is_delete():
             continue
         choices = list_choices(key)
@@ -63,6 +63,23 @@ def check_overrides(args: list[str]) -> None:
             if v not in choices and not (key == "experiment" and v == "null"):
                 raise ConfigError(unknown_choice_message(key, v, choices))
     check_writable(Path(results_dir))
+
+
+def check_type(key: str, override) -> None:
+    """Type-check values of the typed schema (``trainer.epochs=abc``) before any work."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from harness.config import RootConfig
+
+    schema = OmegaConf.structured(RootConfig)
+    values = list(override.sweep_string_iterator()) if override.is_sweep_override() else [override.value()]
+    for v in values:
+        try:
+            OmegaConf.update(schema, key, v, merge=True)
+        except OmegaConfBaseException as e:
+            reason = str(e).splitlines()[0]
+            raise ConfigError(f"{key}={v!r} is invalid: {reason}") from e
 
 
 def check_writable(path: Path) -> None:
@@ -78,7 +95,7 @@ def run(args: list[str]) -> int:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from harness import experiment
+    from harness import experiment, launchers
     from harness.config import register_schema
 
     try:
@@ -86,6 +103,14 @@ def run(args: list[str]) -> int:
     except ConfigError as e:
         return fail(str(e))
     register_schema()
+    from harness import distributed
+
+    if distributed.env_world_size() > 1:  # torchrun: join the process group, agree on one run dir
+        try:
+            distributed.init_from_env()
+        except ConfigError as e:
+            return fail(str(e))
+        args = [*args, *distributed.hydra_overrides(args, distributed.run_dir_pattern())]
     state = {"code": 0}
 
     def task(cfg):
@@ -97,18 +122,23 @@ def run(args: list[str]) -> int:
             return experiment.execute(cfg, run_dir, choices, list(hc.overrides.task))
         except (ConfigError, DataMissingError) as e:
             if multirun:  # the launcher records this job as failed and runs the others
+                launchers.fail_job_at_exit()  # and a submitit job exits non-zero: SLURM says FAILED
                 raise
             print(f"harness: error: {e}", file=sys.stderr)
             state["code"] = 2
         except experiment.RunFailed as e:
             if multirun:
+                launchers.fail_job_at_exit()
                 raise
             print(f"harness: {e}", file=sys.stderr)
             state["code"] = 1
 
     sys.argv = ["harness run", *args]
     main = hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(task)
-    main()
+    try:
+        main()
+    finally:
+        distributed.shutdown()
     return state["code"]
 
 

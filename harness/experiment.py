@@ -20,8 +20,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from harness import config as hconfig
+from harness import distributed, preemption
 from harness.data import build_dataset
 from harness.errors import ConfigError, DataMissingError
+from harness.hardware import add_mfu
 from harness.hooks import RunContext
 from harness.models import build_model
 from harness.models.flops import count_params, training_flops_per_sample
@@ -105,12 +107,21 @@ def remove_if_unused(run_dir: Path) -> None:
     leftovers = [p for p in run_dir.iterdir() if p.name != ".hydra" and p.suffix != ".log"]
     if not leftovers:
         shutil.rmtree(run_dir, ignore_errors=True)
+        for parent in list(run_dir.parents)[:2]:  # the date folder and runs/ (or the sweep folder), when empty
+            try:
+                parent.rmdir()
+            except OSError:
+                break
 
 
 def execute(cfg: DictConfig, run_dir: Path, choices: dict[str, str], overrides: list[str], extras: dict | None = None) -> dict[str, Any]:
     """Run one experiment in ``run_dir`` and return its record. Raises ConfigError / DataMissingError
     for bad input (no record) and RunFailed after writing the record of a failed run."""
-    hconfig.validate(cfg)
+    try:
+        hconfig.validate(cfg)
+    except ConfigError:
+        remove_if_unused(run_dir)
+        raise
     apply_baseline_recipe(cfg, choices, overrides)
     config = OmegaConf.to_container(cfg, resolve=True)
     key = run_key(config)
@@ -142,6 +153,7 @@ def execute(cfg: DictConfig, run_dir: Path, choices: dict[str, str], overrides: 
         # techniques check their requirements (e.g. FP8 needs a GPU) before any data is loaded
         techniques = build_techniques(cfg)
         data = build_dataset(cfg.dataset, cfg.data_dir, device, int(cfg.seed))
+        data = distributed.shard_data(data)  # torchrun: this rank's shard of the training split
     except (ConfigError, DataMissingError):
         remove_if_unused(run_dir)
         raise
@@ -188,8 +200,9 @@ def execute(cfg: DictConfig, run_dir: Path, choices: dict[str, str], overrides: 
         try:
             from harness.loggers import make_logger
 
-            logger = make_logger(cfg, run_dir)
-            logger.log_config(config)
+            logger = make_logger(cfg, run_dir) if distributed.is_main() else None  # only rank 0 logs
+            if logger is not None:
+                logger.log_config(config)
         except ImportError:
             logger = None
         trainer = Trainer(cfg, ctx, model, optimizer, scheduler, techniques, logger)
@@ -201,7 +214,8 @@ def execute(cfg: DictConfig, run_dir: Path, choices: dict[str, str], overrides: 
             trainer.load_state_dict(state)
             trainer.requeues += 1
             log.info(f"resumed from {ckpt} at epoch {trainer.epoch} (step {trainer.step})")
-        metrics = trainer.fit()
+        with preemption.PreemptionGuard(main_rank=distributed.is_main()):  # SIGUSR2/SIGTERM: checkpoint + requeue
+            metrics = trainer.fit()
         finals: dict[str, Any] = {}
         for tq in techniques:
             out = tq.finalize(model, ctx) or {}
@@ -227,12 +241,18 @@ def execute(cfg: DictConfig, run_dir: Path, choices: dict[str, str], overrides: 
             record["curve"] = trainer.curve
             record["requeues"] = trainer.requeues
         record["memory"] = peak_memory(device)
+        if trainer is not None:
+            from techniques.quantization import optimizer_state_bytes
+
+            record["memory"]["optimizer_state_bytes"] = optimizer_state_bytes(trainer.optimizer)
         record["hardware"] = hardware(device)
+        add_mfu(record)  # hardware.peak_flops and throughput.mfu (None on CPU / unknown GPUs)
+        record["distributed"] = distributed.describe(int(cfg.trainer.batch_size))
         record["versions"] = versions()
         record["finished_at"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
         if record["status"] == "running":  # interrupted (KeyboardInterrupt, SystemExit): keep the checkpoint, no record
             pass
-        else:
+        elif distributed.is_main():  # one record per run, from rank 0
             path = write_record(run_dir, record)
             if record["status"] == "ok":
                 (run_dir / CHECKPOINT_NAME).unlink(missing_ok=True)
@@ -245,7 +265,8 @@ def execute(cfg: DictConfig, run_dir: Path, choices: dict[str, str], overrides: 
     m = record["metrics"]
     summary = ", ".join(f"{k} {m[k]:.4f}" for k in ("test_acc", "test_top5", "test_loss", "val_ppl", "test_ppl") if k in m)
     log.info(f"done in {record['timing']['total_s']:.1f}s: {summary}")
-    print(f"test: {summary}" if summary else "done", file=sys.stdout, flush=True)
+    if distributed.is_main():
+        print(f"test: {summary}" if summary else "done", file=sys.stdout, flush=True)
     return record
 
 
