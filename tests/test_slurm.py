@@ -113,9 +113,9 @@ def test_failed_run_is_failed_in_slurm_and_in_its_record(tmp_path):
 
 def test_preempted_job_resumes_from_its_checkpoint(tmp_path):
     name = f"harness-preempt-{uuid.uuid4().hex[:8]}"
-    # 30 epochs of the quickstart take long enough to be interrupted after the first checkpoint
+    # 15 epochs of the quickstart take long enough to be interrupted after the first checkpoint
     sweep = harness(
-        "trainer.epochs=30", f"hydra.launcher.name={name}", f"results_dir={tmp_path}", cwd=tmp_path, background=True
+        "trainer.epochs=15", f"hydra.launcher.name={name}", f"results_dir={tmp_path}", cwd=tmp_path, background=True
     )
     try:
         deadline = time.time() + 300
@@ -134,7 +134,7 @@ def test_preempted_job_resumes_from_its_checkpoint(tmp_path):
     assert sweep.returncode == 0, out[-3000:]
     (rec,) = records(tmp_path)
     assert rec["status"] == "ok" and rec["requeues"] >= 1
-    assert rec["epochs_completed"] == 30 and [p["epoch"] for p in rec["curve"]] == list(range(1, 31))
+    assert rec["epochs_completed"] == 15 and [p["epoch"] for p in rec["curve"]] == list(range(1, 16))
     assert not list(tmp_path.rglob("checkpoint.pt"))  # removed once the record is written
     log = "".join(p.read_text() for p in tmp_path.rglob(".submitit/*/*_log.*"))
     assert "handing over to submitit to requeue" in log and "Requeued job" in log
