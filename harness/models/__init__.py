@@ -17,6 +17,6 @@ def build_model(cfg, data):
     return MODELS.get(cfg.name)(cfg, data)
 
 
-from harness.models import resnet  # noqa: E402,F401  (registers)
+from harness.models import gpt2, resnet, vit  # noqa: E402,F401  (register)
 
 __all__ = ["MODELS", "build_model"]
