@@ -1,0 +1,265 @@
+"""Quantization and low-precision training: QAT and PTQ convert and keep accuracy, FP8 is refused without an
+FP8 GPU before any data is loaded, 8-bit optimizer states are small, and the fp16 loop skips and counts an
+overflow step. Models are the quickstart CNN at width 8 on scikit-learn's digits and gpt2_tiny on a small
+synthetic token stream, so everything runs on CPU in seconds."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from harness.data import build_dataset
+from harness.errors import ConfigError
+from harness.hooks import RunContext, Technique
+from harness.models.resnet import SmallCNN
+from techniques import build_techniques, register
+from techniques.quantization import PTQ, QAT, FakeQuantConv2d, QuantizedConv2d, fp8_support, optimizer_state_bytes
+
+REPO = Path(__file__).resolve().parents[1]
+CPU = torch.device("cpu")
+
+
+def make_ctx(data, batch_size=64):
+    cfg = OmegaConf.create({"trainer": {"batch_size": batch_size, "eval_batch_size": 512}})
+    return RunContext(cfg=cfg, device=CPU, data=data)
+
+
+def train(model, data, steps, lr, batch_size=64, seed=0):
+    torch.manual_seed(seed)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    model.train()
+    step, epoch = 0, 0
+    while step < steps:
+        for b in data.train.batches(batch_size, train=True, epoch=epoch, seed=seed):
+            loss = nn.functional.cross_entropy(model(b.x).reshape(-1, data.num_classes), b.y.reshape(-1))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            step += 1
+            if step >= steps:
+                break
+        epoch += 1
+    return model
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return build_dataset(OmegaConf.create({"name": "digits", "val_size": 0, "crop_padding": 0}), "unused", CPU, 0)
+
+
+@pytest.fixture(scope="module")
+def trained_cnn(digits):
+    """The quickstart CNN (width 8) trained in float for 3 epochs."""
+    torch.manual_seed(0)
+    return train(SmallCNN(1, 10, width=8), digits, 66, 0.05)
+
+
+# ---- QAT -------------------------------------------------------------------------------------------------
+
+
+def test_qat_int8_trains_converts_and_keeps_the_fake_quant_accuracy(digits):
+    torch.manual_seed(0)
+    qat = QAT(weight_bits=8, activation_bits=8)
+    ctx = make_ctx(digits)
+    model = qat.prepare_model(SmallCNN(1, 10, width=8), ctx)
+    assert type(model.fc).__name__ == "FakeQuantizedLinear"  # torchao QAT
+    assert (
+        all(isinstance(model.get_submodule(n), FakeQuantConv2d) for n in qat.conv_layers) and len(qat.conv_layers) == 3
+    )
+    train(model, digits, 66, 0.05)
+    m = qat.finalize(model, ctx)["metrics"]
+    assert m["test_acc_before_quant"] >= 0.85  # it learned under fake quantisation
+    # stated tolerance: the converted model is within 1 point of the fake-quantised one (same numerics)
+    assert abs(m["test_acc_after_quant"] - m["test_acc_before_quant"]) <= 0.01
+    assert m["quantized_layers_compression"] >= 3.5  # fp32 -> int8 plus per-channel scales
+    assert m["model_bytes_after_quant"] < m["model_bytes_before_quant"]
+    assert isinstance(model.features[0][0], FakeQuantConv2d)  # the trained model itself is left as it was
+
+
+def test_qat_int4_converted_weights_have_16_levels(digits):
+    torch.manual_seed(0)
+    qat = QAT(weight_bits=4, activation_bits=None, group_size=32)
+    ctx = make_ctx(digits)
+    model = train(qat.prepare_model(SmallCNN(1, 10, width=8), ctx), digits, 22, 0.05)
+    model.eval()
+    q = copy.deepcopy(model)
+    qat.convert(q)
+    conv = q.features[1][0]
+    assert isinstance(conv, QuantizedConv2d)
+    assert conv.weight_int8.min() >= -8 and conv.weight_int8.max() <= 7
+    assert len(conv.weight_int8.unique()) <= 16
+    x = next(digits.test.batches(64, train=False)).x
+    torch.testing.assert_close(q(x), model(x), rtol=1e-4, atol=1e-4)  # convert == fake quant
+
+
+def test_qat_rejects_bad_bits():
+    with pytest.raises(ConfigError, match="weight_bits=3; valid choices: 4, 8"):
+        QAT(weight_bits=3)
+
+
+# ---- PTQ -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "static"])
+def test_ptq_int8_on_the_trained_quickstart_model(digits, trained_cnn, mode):
+    ptq = PTQ(mode=mode, calibration_batches=4)
+    m = ptq.finalize(trained_cnn, make_ctx(digits))["metrics"]
+    assert ptq.linears == ["fc"] and len(ptq.conv_layers) == 3
+    assert m["test_acc_before_quant"] >= 0.9
+    assert m["test_acc_before_quant"] - m["test_acc_after_quant"] <= 0.02  # drop of at most 2 points
+    # size of the quantised layers (3 convs + fc: weights and biases) is at least 3x smaller
+    assert m["quantized_layers_bytes_before"] >= 3 * m["quantized_layers_bytes_after"]
+    assert (
+        isinstance(trained_cnn.fc, nn.Linear) and type(trained_cnn.fc.weight) is nn.Parameter
+    )  # float model untouched
+
+
+def test_ptq_rejects_unknown_mode():
+    with pytest.raises(ConfigError, match="mode='weird'; valid choices: dynamic, static"):
+        PTQ(mode="weird")
+
+
+# ---- GPT-2 (Linear-heavy, language modelling) -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tokens():
+    from harness.data.base import DataBundle
+    from harness.data.tokens import TokenSplit
+
+    g = torch.Generator().manual_seed(0)
+    # a learnable stream: each token is the previous one plus 1 or 2 (mod 64)
+    ids = torch.cumsum(1 + torch.randint(0, 2, (20_000,), generator=g), 0) % 64
+    train, test = TokenSplit(ids[:16_000], 32), TokenSplit(ids[16_000:], 32)
+    return DataBundle("toy", "lm", train, test, None, 64, (32,))
+
+
+@pytest.mark.parametrize("technique", ["qat_int8", "ptq_static"])
+def test_gpt2_tiny_quantized_perplexity(tokens, technique):
+    gpt2 = pytest.importorskip("harness.models.gpt2")
+    torch.manual_seed(0)
+    model = gpt2.GPT(64, block_size=32, n_layer=2, n_head=4, n_embd=128)
+    ctx = make_ctx(tokens, batch_size=16)
+    tq = QAT(8, 8) if technique == "qat_int8" else PTQ("static", calibration_batches=2)
+    model = tq.prepare_model(model, ctx)
+    train(model, tokens, 40, 0.1, batch_size=16)
+    m = tq.finalize(model, ctx)["metrics"]
+    assert "lm_head" not in tq.linears and len(tq.linears) == 8  # 4 Linear per block, tied output kept
+    assert m["test_ppl_before_quant"] < 10  # learned (a uniform guess is 64)
+    assert m["test_ppl_after_quant"] <= 1.05 * m["test_ppl_before_quant"]
+    assert m["quantized_layers_compression"] >= 3.5
+
+
+# ---- FP8 -------------------------------------------------------------------------------------------------
+
+
+def test_fp8_bad_recipe_names_the_choices():
+    cfg = OmegaConf.create({"quantization": {"name": "fp8", "recipe": "blockwise"}})
+    with pytest.raises(ConfigError, match="recipe='blockwise'; valid choices: tensorwise, rowwise"):
+        build_techniques(cfg)
+
+
+@pytest.mark.skipif(fp8_support()[0], reason="this machine has an FP8 GPU; the refusal path needs one without")
+def test_fp8_without_fp8_gpu_is_refused_before_data_and_writes_nothing(tmp_path):
+    # cifar10 in an empty data_dir: had the data been loaded first, the error would be about missing CIFAR files
+    results = tmp_path / "results"
+    cmd = [sys.executable, "-m", "harness", "run", "experiment=quickstart", "dataset=cifar10", "quantization=fp8"]
+    cmd += [f"data_dir={tmp_path / 'nodata'}", f"results_dir={results}"]
+    env = {**os.environ, "HARNESS_DATA_DIR": str(tmp_path / "nodata")}
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert p.returncode != 0
+    assert "compute capability >= 8.9" in p.stderr and "FP8" in p.stderr, p.stderr[-2000:]
+    assert not list(results.glob("**/result.json"))
+    assert not list(results.glob("**/checkpoint.pt"))
+
+
+# ---- 8-bit optimizer states -------------------------------------------------------------------------------
+
+
+def test_adamw8bit_state_is_under_30_percent_of_adamw(monkeypatch):
+    from techniques.optimizers import build_optimizer
+
+    # torchao compiles its step; eager gives the same state tensors and saves a minute of CPU compile time
+    monkeypatch.setattr(torch, "compile", lambda fn=None, **kw: fn)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 256))
+    x = torch.randn(8, 256)
+    sizes = {}
+    for name in ("adamw", "adamw8bit"):
+        cfg = OmegaConf.load(REPO / "conf" / "optimizer" / f"{name}.yaml")
+        opt = build_optimizer(cfg, model, batch_size=8, total_steps=10)
+        for _ in range(2):
+            opt.zero_grad()
+            model(x).pow(2).mean().backward()
+            opt.step()
+        sizes[name] = optimizer_state_bytes(opt)
+    assert type(opt).__name__ == "AdamW8bit"
+    assert sizes["adamw"] == 2 * 4 * sum(p.numel() for p in model.parameters()) + 4 * 4  # two fp32 moments + steps
+    assert sizes["adamw8bit"] <= 0.30 * sizes["adamw"]
+
+
+# ---- fp16 with a gradient scaler, through the real loop -------------------------------------------------
+
+
+@register("clip", "_test_overflow", "test hook: makes one step's gradients infinite")
+class InjectOverflow(Technique):
+    """Multiplies a gradient by inf during the backward pass of step ``at_step`` (before the loop unscales)."""
+
+    name = "_test_overflow"
+
+    def __init__(self, at_step: int = 2):
+        self.at_step = at_step
+
+    def prepare_model(self, model, ctx):
+        p = next(model.parameters())
+        p.register_hook(lambda g: g * float("inf") if ctx.step == self.at_step else g)
+        return model
+
+
+def test_fp16_overflow_step_is_skipped_and_counted(tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from harness.config import register_schema
+    from harness.experiment import execute
+
+    register_schema()
+    overrides = [
+        "experiment=quickstart",
+        "precision=fp16",
+        "precision.init_scale=1024",  # small enough that no step overflows by itself
+        "quantization=ptq_int8",
+        "model.width=8",
+        "trainer.max_steps=6",
+        "trainer.checkpoint_every=0",
+        "trainer.progress=none",
+        f"results_dir={tmp_path}",
+    ]
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+    OmegaConf.set_struct(cfg, False)
+    cfg.clip = {"name": "_test_overflow", "at_step": 2}
+    choices = {
+        "model": "small_cnn",
+        "dataset": "digits",
+        "optimizer": "sgd",
+        "precision": "fp16",
+        "quantization": "ptq_int8",
+    }
+    execute(cfg, tmp_path / "run", choices, overrides)
+    rec = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert rec["status"] == "ok"
+    assert rec["grad_scaler"]["skipped_steps"] == 1
+    assert rec["grad_scaler"]["final_scale"] == 512.0  # halved once by the overflow
+    # the quantized run's record carries before/after metrics, sizes and optimizer-state bytes
+    assert {"test_acc_before_quant", "test_acc_after_quant", "model_bytes_after_quant"} <= rec["metrics"].keys()
+    assert rec["memory"]["optimizer_state_bytes"] > 0 and rec["memory"]["peak_bytes"] > 0
+    assert rec["throughput"]["samples_per_s"] > 0
