@@ -36,3 +36,14 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real datasets not available at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def real_cifar10(tmp_path_factory) -> Path:
+    """CIFAR-10 rebuilt once per session in the official pickle layout from the shared JPEG copy."""
+    script = SHARED_DATA / "cifar10_to_batches.py"
+    if not script.is_file():
+        pytest.skip(f"real CIFAR-10 not available: {script} is absent")
+    out = tmp_path_factory.mktemp("cifar10_real")
+    subprocess.run([sys.executable, str(script), str(out)], check=True, capture_output=True)
+    return out

@@ -4,8 +4,6 @@ download paths (network replaced by a fake ``fetch``), and the real CIFAR-10 reb
 
 import hashlib
 import pickle
-import subprocess
-import sys
 import tarfile
 import urllib.error
 from pathlib import Path
@@ -149,16 +147,6 @@ def test_download_verifies_md5_then_extracts(tmp_path, monkeypatch):
     b = DATASETS.get("cifar10")(cfg("cifar10"), data_dir, torch.device("cpu"), 0)
     assert len(b.train) == 20 and len(b.test) == 6
     assert not (data_dir / "cifar-10-python.tar.gz").exists()  # archive removed after unpacking
-
-
-@pytest.fixture(scope="module")
-def real_cifar10(tmp_path_factory):
-    script = SHARED / "cifar10_to_batches.py"
-    if not script.is_file():
-        pytest.skip(f"real CIFAR-10 not available: {script} is absent")
-    out = tmp_path_factory.mktemp("cifar10_real")
-    subprocess.run([sys.executable, str(script), str(out)], check=True, capture_output=True)
-    return out
 
 
 def test_real_cifar10_shapes_and_labels(real_cifar10, monkeypatch):

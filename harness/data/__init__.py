@@ -21,7 +21,9 @@ def build_dataset(cfg, data_dir: str | Path, device: torch.device, seed: int) ->
     bundle = DATASETS.get(cfg.name)(cfg, Path(data_dir), device, seed)
     n = cfg.get("train_subset")
     if n:  # a fixed random subset of the training split (same for every seed), for quick experiments
-        if not hasattr(bundle.train, "subset") or int(n) > len(bundle.train):
+        if not hasattr(bundle.train, "subset"):
+            raise ConfigError(f"dataset.train_subset is supported by image datasets only, not by {cfg.name}")
+        if int(n) > len(bundle.train):
             raise ConfigError(f"dataset.train_subset={n} must be at most the training split size ({len(bundle.train)})")
         g = torch.Generator().manual_seed(0)
         bundle.train = bundle.train.subset(torch.randperm(len(bundle.train), generator=g)[: int(n)])
