@@ -388,11 +388,13 @@ def build_task(task_runs: list[Run], labels: dict[str, str], metric: str | None,
     r0 = task_runs[0]
     present = set().union(*(r.metrics for r in task_runs))
     metric = metric or primary_metric(task_runs)
-    if metric is None:
-        raise ConfigError(
-            f"task {r0.task_id}: none of the primary metrics {', '.join(PRIMARY)} is in its records; "
-            f"pass --metric, one of: {', '.join(sorted(present)) or '(no metrics)'}"
+    if metric is None:  # e.g. every run failed: still list the task, its status counts and its failures
+        print(
+            f"warning: task {r0.task_id}: none of {', '.join(PRIMARY)} is in its records (metrics: "
+            f"{', '.join(sorted(present)) or 'none'}); showing status only, --metric picks another",
+            file=sys.stderr,
         )
+        metric = PRIMARY[0]
     higher = higher_is_better(metric)
     by_key: dict[str, list[Run]] = defaultdict(list)
     for r in task_runs:
@@ -581,6 +583,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--metric", default=None, help="primary metric (default: test_acc, or test_ppl/val_ppl for LMs)")
     p.add_argument("--baseline", default=None, help="technique label (or key) to compare against on every task")
     p.add_argument("--no-plots", action="store_true", help="skip the matplotlib plots (faster)")
+    p.add_argument("--redraw", action="store_true", help="redraw every plot (default: keep plots of unchanged tasks)")
     p.add_argument("--quiet", action="store_true", help="do not print the tables")
     return p.parse_args(argv)
 
@@ -609,7 +612,9 @@ def cli(argv: list[str]) -> int:
     from harness import report
 
     command = "harness leaderboard " + " ".join(argv) if argv else "harness leaderboard"
-    written = report.write_all(lb, out, formats, plots=not args.no_plots, command=command.strip())
+    written = report.write_all(
+        lb, out, formats, plots=not args.no_plots, command=command.strip(), cache=not args.redraw
+    )
     if not args.quiet:
         report.print_tables(lb)
     dt = time.perf_counter() - t0

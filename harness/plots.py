@@ -6,8 +6,11 @@ call from any process.
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import math
+import os
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -34,7 +37,7 @@ def save(fig: Figure, stem: str | Path) -> bytes:
     buf = io.BytesIO()
     with matplotlib.rc_context(RC):
         # fixed margins (no bbox_inches="tight", no constrained layout): each of those costs an extra draw
-        fig.savefig(buf, format="png", dpi=100)
+        fig.savefig(buf, format="png", dpi=100, pil_kwargs={"compress_level": 1})  # zlib level 6 is 10x slower
         fig.savefig(stem.with_suffix(".svg"), format="svg")
     png = buf.getvalue()
     stem.with_suffix(".png").write_bytes(png)
@@ -188,13 +191,13 @@ def plot_curves(board: TaskBoard, stem: Path) -> bytes | None:
             ax.fill_between(ep, mu - sd, mu + sd, color=f"C{i}", alpha=0.2, lw=0)
         ax.set(xlabel="epoch", ylabel=m)
         _ticks(ax)
-    axes[0].legend()
+    axes[0].legend(loc="upper right")  # an explicit place: loc="best" searches every data point
     fig.suptitle(f"{board.title}: mean ± std over seeds")
     return save(fig, stem)
 
 
 def plot_metric_vs_time(board: TaskBoard, stem: Path) -> bytes | None:
-    """Primary metric against wall time per configuration, the Pareto front joined by a line."""
+    """Primary metric against wall time per configuration (mean ± std over seeds), Pareto-optimal ones ringed."""
     t = board.table[board.table["n"] > 0]
     if t.empty or t["total_s"].isna().all():
         return None
@@ -207,14 +210,14 @@ def plot_metric_vs_time(board: TaskBoard, stem: Path) -> bytes | None:
     if base.any():
         ax.errorbar(x[base], y[base], yerr=e[base], fmt="s", ms=6, color="k", label="baseline")
     if front.any():
-        o = np.argsort(x[front])
-        ax.plot(x[front][o], y[front][o], "-", color="C3", lw=1, label="Pareto front")
-        for xi, yi, lab in zip(x[front], y[front], t["label"][front]):
+        # rings, not a line: the front is over every joint-view objective, not just these two axes
+        ax.scatter(x[front], y[front], s=90, facecolors="none", edgecolors="C3", label="Pareto-optimal (joint view)")
+        for xi, yi, lab in list(zip(x[front], y[front], t["label"][front]))[:6]:
             ax.annotate(str(lab)[:28], (xi, yi), fontsize=6, xytext=(3, 3), textcoords="offset points")
     ax.set(xlabel="wall time per run [s]", ylabel=board.metric)
+    ax.legend(loc="lower right" if board.higher else "upper right")
     _ticks(ax)
     fig.suptitle(f"{board.title}: {board.metric} vs wall time")
-    ax.legend()
     return save(fig, stem)
 
 
@@ -291,12 +294,45 @@ TASK_PLOTS = {
 }
 
 
-def task_plots(board: TaskBoard, out: Path) -> dict[str, tuple[Path, bytes]]:
-    """All plots of one task: name -> (stem, PNG bytes); plots without data are skipped."""
+def fingerprint(board: TaskBoard) -> str:
+    """Hash of everything a task's plots are drawn from: the aggregated table, every record's path, size and
+    mtime (curves and reliability bins live in the records) and this module's source."""
+    h = hashlib.sha1(Path(__file__).read_bytes())
+    h.update(board.table.to_csv(index=False).encode())
+    for r in sorted(board.runs, key=lambda r: r.path):
+        try:
+            st = os.stat(r.path)
+            h.update(f"{r.path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        except OSError:
+            h.update(f"{r.path}\0missing\n".encode())
+    return h.hexdigest()
+
+
+def task_plots(board: TaskBoard, out: Path, cache: bool = True) -> dict[str, tuple[Path, bytes]]:
+    """All plots of one task: name -> (stem, PNG bytes); plots without data are skipped. With ``cache``, a
+    task whose records and aggregates did not change since the last run keeps its files (matplotlib is most
+    of the leaderboard's time, and most tasks do not change between two runs)."""
+    stamp = out / ".cache" / f"{board.slug}.json"
+    fp = fingerprint(board) if cache else ""
+    if cache and stamp.exists():
+        try:
+            old = json.loads(stamp.read_text())
+            if old["fingerprint"] == fp:
+                stems = {name: out / f"{board.slug}_{name}" for name in old["plots"]}
+                if all(s.with_suffix(".svg").exists() for s in stems.values()):
+                    return {name: (st, st.with_suffix(".png").read_bytes()) for name, st in stems.items()}
+        except (OSError, ValueError, KeyError):
+            pass  # unreadable stamp or missing file: draw again
     done = {}
     for name, fn in TASK_PLOTS.items():
         stem = out / f"{board.slug}_{name}"
         png = fn(board, stem)
         if png is not None:
             done[name] = (stem, png)
+        else:  # a plot that no longer has data must not linger from an earlier run
+            for ext in (".png", ".svg"):
+                stem.with_suffix(ext).unlink(missing_ok=True)
+    if cache:
+        stamp.parent.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(json.dumps({"fingerprint": fp, "plots": list(done)}))
     return done

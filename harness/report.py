@@ -423,7 +423,9 @@ def render_html(lb: Leaderboard, command: str, generated: str, pngs: dict[str, d
 # ----------------------------------------------------------------------------- all outputs
 
 
-def write_all(lb: Leaderboard, out: Path, formats: list[str], plots: bool = True, command: str = "") -> list[Path]:
+def write_all(
+    lb: Leaderboard, out: Path, formats: list[str], plots: bool = True, command: str = "", cache: bool = True
+) -> list[Path]:
     """Write the requested formats (and plots) under ``out``; return the written paths."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -436,7 +438,7 @@ def write_all(lb: Leaderboard, out: Path, formats: list[str], plots: bool = True
         from harness import plots as P
 
         pdir = out / "plots"
-        for b, done in zip(lb.boards, _task_plots_parallel(lb, pdir)):
+        for b, done in zip(lb.boards, _task_plots_parallel(lb, pdir, cache)):
             pngs[b.task_id] = {name: png for name, (_, png) in done.items()}
             rel[b.task_id] = {name: f"plots/{stem.name}.png" for name, (stem, _) in done.items()}
             written += [s.with_suffix(x) for s, _ in done.values() for x in (".png", ".svg")]
@@ -470,24 +472,24 @@ def write_all(lb: Leaderboard, out: Path, formats: list[str], plots: bool = True
     return written
 
 
-_JOB: tuple[Leaderboard, Path] | None = None  # what forked plot workers inherit (no pickling of records)
+_JOB: tuple[Leaderboard, Path, bool] | None = None  # what forked plot workers inherit (no pickling of records)
 
 
 def _plot_one(i: int):
     from harness import plots as P
 
-    lb, pdir = _JOB
-    return P.task_plots(lb.boards[i], pdir)
+    lb, pdir, cache = _JOB
+    return P.task_plots(lb.boards[i], pdir, cache)
 
 
-def _task_plots_parallel(lb: Leaderboard, pdir: Path) -> list[dict]:
+def _task_plots_parallel(lb: Leaderboard, pdir: Path, cache: bool) -> list[dict]:
     """Per-task plots, on all cores when there are several tasks: matplotlib is single-threaded and the
     plots are most of the leaderboard's time. Forked workers read the leaderboard from memory."""
     global _JOB
     n = len(lb.boards)
     workers = min(os.cpu_count() or 1, n, 8)
     if workers > 1 and "fork" in mp.get_all_start_methods():
-        _JOB = (lb, pdir)
+        _JOB = (lb, pdir, cache)
         try:
             with mp.get_context("fork").Pool(workers) as pool:
                 return pool.map(_plot_one, range(n), chunksize=1)
@@ -495,28 +497,34 @@ def _task_plots_parallel(lb: Leaderboard, pdir: Path) -> list[dict]:
             _JOB = None
     from harness import plots as P
 
-    return [P.task_plots(b, pdir) for b in lb.boards]
+    return [P.task_plots(b, pdir, cache) for b in lb.boards]
+
+
+TERMINAL_COLUMNS = ("rank", "label", "mean", "n", "delta", "p", "time_to_target_s", "total_s", "status")
 
 
 def print_tables(lb: Leaderboard, file=None) -> None:
-    """Each task's table: a rich table on a terminal, Markdown otherwise (pipes, logs, CI)."""
+    """Each task's main columns (the files hold every column): a rich table on a terminal, Markdown
+    otherwise (pipes, logs, CI)."""
     file = file or sys.stdout
-    if file.isatty():
+    tty = file.isatty()
+    if tty:
         from rich.console import Console
         from rich.table import Table
         from rich.text import Text
 
         con = Console(file=file)
-        for b in lb.boards:
-            cols, rows = columns(b)
-            t = Table(title=Text(f"{b.title} — {b.metric}"), title_justify="left")
-            for c, h in cols:
-                t.add_column(h, justify="left" if c == "label" else "right", no_wrap=c != "label")
-            for row, is_base in zip(rows, b.table["is_baseline"]):
-                t.add_row(*(Text(txt) for txt, _ in row), style="bold" if is_base else None)
-            con.print(t)
-        return
     for b in lb.boards:
         cols, rows = columns(b)
-        print(f"\n## {b.title}\n", file=file)
-        print(md_table([h for _, h in cols], [[txt for txt, _ in r] for r in rows], html=False), file=file)
+        keep = [i for i, (c, _) in enumerate(cols) if c in TERMINAL_COLUMNS]
+        cols, rows = [cols[i] for i in keep], [[r[i] for i in keep] for r in rows]
+        if not tty:
+            print(f"\n## {b.title}\n", file=file)
+            print(md_table([h for _, h in cols], [[txt for txt, _ in r] for r in rows], html=False), file=file)
+            continue
+        t = Table(title=Text(f"{b.title} — {b.metric}"), title_justify="left")
+        for c, h in cols:
+            t.add_column(h, justify="left" if c == "label" else "right", min_width=12 if c == "label" else None)
+        for row, is_base in zip(rows, b.table["is_baseline"]):
+            t.add_row(*(Text(txt) for txt, _ in row), style="bold" if is_base else None)
+        con.print(t)

@@ -136,6 +136,10 @@ def main() -> int:
         t_in, c1 = time.perf_counter() - t0, os.times()
         cpu = sum(c1[:4]) - sum(c0[:4])  # user + system, this process and its plot workers
         print(f"in-process  harness.leaderboard.cli: {t_in:.2f} s wall, {cpu:.2f} s CPU (rc={rc})")
+        t0, c0 = time.perf_counter(), os.times()
+        cli(["--results", str(root / "results"), "--out", str(root / "lb_inproc"), "--quiet"])
+        t_re, c1 = time.perf_counter() - t0, os.times()
+        print(f"second run, plots unchanged (cached): {t_re:.2f} s wall, {sum(c1[:4]) - sum(c0[:4]):.2f} s CPU")
         if not args.no_subprocess:
             cmd = [sys.executable, "-m", "harness.leaderboard", "--results", str(root / "results")]
             cmd += ["--out", str(root / "lb_subproc"), "--quiet"]

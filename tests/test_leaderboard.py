@@ -258,3 +258,27 @@ def test_reliability_bins_and_diagram(tmp_path):
     fig = reliability_diagram({"before": b, "after": b}, path=tmp_path / "rel")
     assert len(fig.axes[0].lines) == 3  # diagonal + two stages
     assert (tmp_path / "rel.png").read_bytes()[:4] == b"\x89PNG" and (tmp_path / "rel.svg").exists()
+
+
+def test_plots_of_unchanged_tasks_are_reused(two_configs):
+    out = two_configs / "lb"
+    args = ["--results", str(two_configs), "--out", str(out), "--format", "md", "--quiet"]
+    assert L.cli(args) == 0
+    png = out / "plots" / "net-data_3ep_delta.png"
+    first = (png.stat().st_mtime_ns, png.read_bytes())
+    assert L.cli(args) == 0
+    assert png.stat().st_mtime_ns == first[0]  # nothing changed: not redrawn
+    write_record(two_configs, opt="lion", seed=0, metrics={"test_acc": 0.5})
+    write_record(two_configs, opt="lion", seed=1, metrics={"test_acc": 0.6})
+    assert L.cli(args) == 0
+    assert png.read_bytes() != first[1]  # a new configuration: the delta chart has another bar
+    assert L.cli([*args, "--redraw"]) == 0 and png.stat().st_mtime_ns > first[0]
+
+
+def test_task_where_every_run_failed_is_still_listed(two_configs, capsys):
+    write_record(two_configs, opt="sgd", task="broken", seed=0, status="failed", error="ImportError: no module x")
+    lb = L.build(two_configs)
+    broken = next(b for b in lb.boards if b.name == "broken")
+    assert broken.table["n"].tolist() == [0] and broken.table["failed"].tolist() == [1]
+    assert [r.error for r in broken.bad_runs] == ["ImportError: no module x"]
+    assert "broken@3ep: none of test_acc" in capsys.readouterr().err
