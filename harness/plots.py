@@ -6,6 +6,7 @@ call from any process.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -28,6 +29,17 @@ if TYPE_CHECKING:
 
 MAX_LINES = 6  # curves per plot: the baseline and the best configurations, more is unreadable
 RC = {"svg.fonttype": "none", "font.size": 8, "axes.titlesize": 9, "legend.fontsize": 7, "figure.dpi": 100}
+
+
+def _styled(fn):
+    """Run a plotting function under RC: artists take their font sizes when created, not when saved."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with matplotlib.rc_context(RC):
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def save(fig: Figure, stem: str | Path) -> bytes:
@@ -53,7 +65,7 @@ def _ticks(*axes: Axes, x: bool = True, y: bool = True) -> None:
             ax.yaxis.set_major_locator(MaxNLocator(4))
 
 
-def _fig(w: float, h: float, left=0.55, right=0.15, bottom=0.45, top=0.35, wspace=0.35) -> Figure:
+def _fig(w: float, h: float, left=0.7, right=0.15, bottom=0.45, top=0.35, wspace=0.35) -> Figure:
     """A figure of w x h inches with margins given in inches."""
     with matplotlib.rc_context(RC):
         fig = Figure(figsize=(w, h))
@@ -86,6 +98,7 @@ def expected_calibration_error(bins: Mapping[str, Sequence]) -> float:
     return float((c[m] * gap[m]).sum() / c[m].sum()) if m.any() else math.nan
 
 
+@_styled
 def reliability_diagram(
     diagrams: Mapping[str, Mapping[str, Sequence]],
     ax: Axes | None = None,
@@ -154,6 +167,7 @@ def _shown(board: TaskBoard) -> list[str]:
     return keys
 
 
+@_styled
 def plot_curves(board: TaskBoard, stem: Path) -> bytes | None:
     """Training loss and the evaluation metric per epoch: mean over seeds with a +-1 std band."""
     labels = dict(zip(board.table["key"], board.table["label"]))
@@ -196,6 +210,7 @@ def plot_curves(board: TaskBoard, stem: Path) -> bytes | None:
     return save(fig, stem)
 
 
+@_styled
 def plot_metric_vs_time(board: TaskBoard, stem: Path) -> bytes | None:
     """Primary metric against wall time per configuration (mean ± std over seeds), Pareto-optimal ones ringed."""
     t = board.table[board.table["n"] > 0]
@@ -221,6 +236,7 @@ def plot_metric_vs_time(board: TaskBoard, stem: Path) -> bytes | None:
     return save(fig, stem)
 
 
+@_styled
 def plot_delta(board: TaskBoard, stem: Path) -> bytes | None:
     """Delta vs the baseline with its 95% Welch interval; green/red = significantly better/worse."""
     t = board.table[~board.table["is_baseline"] & board.table["delta"].notna()]
@@ -232,7 +248,8 @@ def plot_delta(board: TaskBoard, stem: Path) -> bytes | None:
     hi = np.nan_to_num(t["delta_hi"].to_numpy(float) - d)
     colors = ["tab:green" if b is True else "tab:red" if b is False else "0.6" for b in t["better"]]
     names = [str(s)[:45] for s in t["label"]]
-    fig = _fig(2.6 + 0.055 * max(map(len, names)), 0.9 + 0.2 * len(t), left=0.2 + 0.055 * max(map(len, names)))
+    margin = 0.2 + 0.075 * max(map(len, names))  # inches of 8 pt tick labels
+    fig = _fig(3.6 + margin, 1.0 + 0.2 * len(t), left=margin, right=0.3, bottom=0.5)
     ax = fig.add_subplot()
     yy = np.arange(len(t))
     ax.barh(yy, d, xerr=np.stack([lo, hi]), color=colors, error_kw={"lw": 0.8, "capsize": 2})
@@ -245,16 +262,16 @@ def plot_delta(board: TaskBoard, stem: Path) -> bytes | None:
     return save(fig, stem)
 
 
+@_styled
 def plot_reliability(board: TaskBoard, stem: Path) -> bytes | None:
-    """Reliability diagrams (pooled over seeds) of the baseline and the best configurations with bin data."""
+    """Reliability diagrams (pooled over seeds) of the baseline and the best configuration with bin data."""
     by_key: dict[str, list[Mapping]] = defaultdict(list)
     for r in board.runs:
         if r.status == "ok" and r.reliability:
             by_key[r.key].append(r.reliability)
-    keys = [k for k in board.table["key"] if k in by_key]
-    if board.baseline_key in by_key:
-        keys = [board.baseline_key] + [k for k in keys if k != board.baseline_key]
-    keys = keys[:4]
+    keys = [k for k in board.table["key"] if k in by_key][:1]  # the best configuration with bins
+    if board.baseline_key in by_key and board.baseline_key not in keys:
+        keys = [board.baseline_key] + keys
     if not keys:
         return None
     labels = dict(zip(board.table["key"], board.table["label"]))
@@ -270,6 +287,7 @@ def plot_reliability(board: TaskBoard, stem: Path) -> bytes | None:
     return save(fig, stem)
 
 
+@_styled
 def plot_profile(lb: Leaderboard, stem: Path, top: int = 10) -> bytes | None:
     """AlgoPerf performance profile: fraction of tasks reaching the target within tau x the fastest."""
     if lb.profile is None or lb.profile.empty:
