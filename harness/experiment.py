@@ -220,6 +220,8 @@ def execute(cfg: DictConfig, run_dir: Path, choices: dict[str, str], overrides: 
         for tq in techniques:
             out = tq.finalize(model, ctx) or {}
             metrics.update(out.get("metrics", {}))
+            if out.get("reliability"):
+                record["reliability"] = out["reliability"]
             if out.get("params") is not None:
                 finals[tq.name] = out["params"]
         record["metrics"] = metrics
