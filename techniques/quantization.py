@@ -110,10 +110,12 @@ def evaluate(model: nn.Module, split, task: str, batch_size: int, prefix: str = 
 # ---------------------------------------------------------------------------------------------- layer choice
 
 
-def select_layers(model: nn.Module, kinds: tuple[type, ...], skip, min_features: int, multiple_of: int = 1):
+def select_layers(
+    model: nn.Module, kinds: tuple[type, ...], skip, min_features: int, multiple_of: int = 1, group_size: int = 1
+):
     """Modules of the given kinds that pass the documented rule: name contains none of ``skip``, every
-    weight dimension (out/in features or channels) >= ``min_features`` and divisible by ``multiple_of``.
-    Returns (selected names, {kept name: reason})."""
+    weight dimension (out/in features or channels) >= ``min_features`` and divisible by ``multiple_of``,
+    and the input dimension divisible by ``group_size``. Returns (selected names, {kept name: reason})."""
     chosen, kept = [], {}
     for name, m in model.named_modules():
         if not isinstance(m, kinds):
@@ -126,6 +128,8 @@ def select_layers(model: nn.Module, kinds: tuple[type, ...], skip, min_features:
             kept[name] = f"dims {dims} below min_features={min_features}"
         elif any(d % multiple_of for d in dims):
             kept[name] = f"dims {dims} not multiples of {multiple_of}"
+        elif dims[1] % group_size:
+            kept[name] = f"input dim {dims[1]} not a multiple of group_size={group_size}"
         else:
             chosen.append(name)
     return chosen, kept
@@ -330,7 +334,9 @@ class QAT(_Quantized):
         from torchao.quantization import quantize_
         from torchao.quantization.qat import QATConfig
 
-        self.linears, kept = select_layers(model, (nn.Linear,), self.skip, self.min_features, self.group_size or 1)
+        self.linears, kept = select_layers(
+            model, (nn.Linear,), self.skip, self.min_features, group_size=self.group_size or 1
+        )
         self.kept.update(kept)
         self._linear_set = set(self.linears)
         if self.convs:
