@@ -250,7 +250,6 @@ class _Quantized(Technique):
         self.linears: list[str] = []
         self.conv_layers: list[str] = []
         self.kept: dict[str, str] = {}
-        self.report: dict[str, Any] = {}
 
     def _eval(self, model: nn.Module, ctx: RunContext, prefix: str) -> dict[str, float]:
         data = ctx.data
@@ -281,7 +280,6 @@ class _Quantized(Technique):
             quantized_layers_bytes_after=layers_after,
             quantized_layers_compression=layers_before / max(layers_after, 1),
         )
-        self.report = m
         return m
 
     def summary(self) -> dict[str, Any]:
@@ -289,7 +287,6 @@ class _Quantized(Technique):
             "linear_layers": self.linears,
             "conv_layers": self.conv_layers,
             "kept_high_precision": self.kept,
-            **self.report,
         }
 
 

@@ -179,6 +179,29 @@ def test_fp8_bad_recipe_names_the_choices():
         build_techniques(cfg)
 
 
+def test_fp8_layer_rule_converts_and_lists_the_large_linears(monkeypatch):
+    """The conversion and the record's layer list, checked on CPU by pretending the GPU check passed
+    (Float8Linear's matmuls need CUDA, so no forward pass here)."""
+    gpt2 = pytest.importorskip("harness.models.gpt2")
+    from torchao.float8.float8_linear import Float8Linear
+
+    import techniques.quantization as q
+
+    monkeypatch.setattr(q, "fp8_support", lambda: (True, "test"))
+    model = gpt2.GPT(100, block_size=16, n_layer=2, n_head=4, n_embd=128)
+    fp8 = q.FP8Training(recipe="tensorwise", min_features=128)
+    model = fp8.prepare_model(model, None)
+    s = fp8.summary()
+    per_block = ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]
+    assert s["converted"] == [f"transformer.h.{i}.{n}" for i in range(2) for n in per_block]
+    assert all(isinstance(model.get_submodule(n), Float8Linear) for n in s["converted"])
+    assert s["kept_high_precision"] == {"lm_head": "skipped by name"} and type(model.lm_head) is nn.Linear
+    with pytest.raises(ConfigError, match="no Linear layer qualifies"):  # every layer has a 128-wide side
+        q.FP8Training(min_features=256).prepare_model(
+            gpt2.GPT(100, block_size=16, n_layer=1, n_head=4, n_embd=128), None
+        )
+
+
 @pytest.mark.skipif(fp8_support()[0], reason="this machine has an FP8 GPU; the refusal path needs one without")
 def test_fp8_without_fp8_gpu_is_refused_before_data_and_writes_nothing(tmp_path):
     # cifar10 in an empty data_dir: had the data been loaded first, the error would be about missing CIFAR files
