@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from harness import distributed, preemption
 from harness.hooks import Batch, RunContext, Technique, overrides, soft_cross_entropy
 from harness.metrics import classification_metrics, perplexity
 from harness.records import atomic_write_text  # noqa: F401  (re-exported for techniques)
@@ -132,6 +133,11 @@ class Trainer:
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.forward = torch.compile(self.model) if t.compile else self.model
+        # under torchrun only the training forward goes through DDP; eval and checkpoints use the plain module
+        self.train_forward = self.forward
+        if distributed.is_initialized():
+            self.train_forward = distributed.wrap_model(self.model, self.device, t.compile)
+        self.world = distributed.world_size()
         self.run_dir = Path(ctx.run_dir)
         self.ckpt_path = self.run_dir / CHECKPOINT_NAME
         self.is_lm = self.data.task == "lm"
@@ -148,6 +154,7 @@ class Trainer:
         self.target_epoch: int | None = None
         self.skipped_steps = torch.zeros((), device=self.device)
         self.requeues = 0
+        self.partial: dict[str, Any] | None = None  # position in an epoch interrupted by preemption
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
@@ -167,6 +174,7 @@ class Trainer:
             "target_epoch": self.target_epoch,
             "skipped_steps": float(self.skipped_steps.item()),
             "requeues": self.requeues,
+            "partial": None,
             "rng_cpu": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
             "run_key": self.ctx.extras.get("run_key"),
@@ -183,12 +191,14 @@ class Trainer:
         for k in ("epoch", "step", "curve", "train_s", "eval_s", "samples", "time_to_target", "target_epoch", "requeues"):
             setattr(self, k, s[k])
         self.skipped_steps.fill_(s.get("skipped_steps", 0.0))
+        self.partial = s.get("partial")
         torch.set_rng_state(s["rng_cpu"])
         if self.device.type == "cuda" and s["rng_cuda"]:
             torch.cuda.set_rng_state_all(s["rng_cuda"])
 
-    def checkpoint(self) -> None:
-        save_checkpoint(self.ckpt_path, self.state_dict())
+    def checkpoint(self, partial: dict[str, Any] | None = None) -> None:
+        if distributed.is_main():  # one checkpoint per run, from rank 0
+            save_checkpoint(self.ckpt_path, {**self.state_dict(), "partial": partial})
 
     # ---------------------------------------------------------------- evaluation
     def _set_optimizer_mode(self, mode: str) -> None:
@@ -292,16 +302,23 @@ class Trainer:
                 progress.start_epoch(epoch)
                 loss_sum = torch.zeros((), device=self.device)
                 n_steps = 0
+                partial, self.partial = self.partial or {}, None
+                skip = int(partial.get("batch", 0))
+                if skip:  # resumed mid-epoch after a preemption: continue this epoch where it stopped
+                    loss_sum += float(partial["loss_sum"])
+                    n_steps = skip
                 self._sync()
                 t0 = time.perf_counter()
                 for i, batch in enumerate(self.data.train.batches(bs, train=True, epoch=epoch, seed=int(cfg.seed))):
                     if self.step >= ctx.total_steps:
                         break
+                    if i < skip:  # trained on before the interruption (same order: it depends on seed and epoch only)
+                        continue
                     for tq in self.hooks["prepare_batch"]:
                         batch = tq.prepare_batch(batch, ctx)
                     x = batch.x.contiguous(memory_format=torch.channels_last) if self.channels_last else batch.x
                     with autocast_for(self.precision, self.device):
-                        logits = self.forward(x)
+                        logits = self.train_forward(x)
                     loss = self._loss(logits, batch)
                     self.optimizer.zero_grad(set_to_none=True)
                     if self.scaler is not None:
@@ -326,16 +343,21 @@ class Trainer:
                     n_steps += 1
                     self.step += 1
                     ctx.step = self.step
-                    self.samples += batch.y.shape[0]
+                    self.samples += batch.y.shape[0] * self.world
                     if self.step % log_every == 0:  # log point: the only host syncs inside an epoch
-                        if nonfinite.item():
+                        if distributed.any_true(nonfinite):
                             raise Diverged(f"non-finite training loss at step {self.step} (epoch {epoch + 1})")
                         rate = (n_steps * bs) / max(time.perf_counter() - t0, 1e-9)
                         progress.update(epoch, i + 1, detached.item(), rate)
+                    if preemption.requested():  # SIGUSR2/SIGTERM: checkpoint at this step boundary, then requeue
+                        self._sync()
+                        self.train_s += time.perf_counter() - t0
+                        self.checkpoint({"batch": i + 1, "loss_sum": loss_sum.item()})
+                        preemption.handoff()
                 self._sync()
                 self.train_s += time.perf_counter() - t0
-                train_loss = (loss_sum / max(n_steps, 1)).item()
-                if nonfinite.item() or not math.isfinite(train_loss) and self.scaler is None:
+                train_loss = distributed.mean(loss_sum / max(n_steps, 1))
+                if distributed.any_true(nonfinite) or not math.isfinite(train_loss) and self.scaler is None:
                     raise Diverged(f"non-finite training loss in epoch {epoch + 1} (step {self.step})")
                 for tq in self.hooks["after_epoch"]:
                     tq.after_epoch(ctx)
