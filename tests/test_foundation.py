@@ -88,13 +88,14 @@ def test_nan_loss_is_recorded_as_diverged(tmp_path):
 
 
 def test_multirun_with_one_failing_job_keeps_every_record(tmp_path):
-    p = harness("run", "-m", *QUICK, "trainer.epochs=1", "optimizer.lr=0.05,-1,0.02", f"results_dir={tmp_path}")
+    # a negative width makes the model fail while it is built, after the run has started
+    p = harness("run", "-m", *QUICK, "trainer.epochs=1", "model.width=8,-1,16", f"results_dir={tmp_path}")
     assert p.returncode != 0  # the sweep reports the failure
     recs = records(tmp_path)
     assert len(recs) == 3
-    by_lr = {r["config"]["optimizer"]["lr"]: r for r in recs}
-    assert by_lr[-1]["status"] == "failed" and "lr" in by_lr[-1]["error"]
-    assert by_lr[0.05]["status"] == by_lr[0.02]["status"] == "ok"
+    by_width = {r["config"]["model"]["width"]: r for r in recs}
+    assert by_width[-1]["status"] == "failed" and by_width[-1]["error"]
+    assert by_width[8]["status"] == by_width[16]["status"] == "ok"
     assert all("/sweeps/" in r["run_dir"] for r in recs)
 
 
