@@ -17,7 +17,7 @@ from torch import nn
 import harness.train
 from harness.config import CONF_DIR, list_choices
 from harness.errors import ConfigError
-from techniques.optimizers import MuonWithAdamW, build_optimizer, final_layer
+from techniques.optimizers import MuonWithAdamW, build_optimizer, check_optimizer, final_layer
 
 STEPS = 200  # the same budget for every optimizer ...
 FACTOR = 2.0  # ... which must divide the full-batch training loss by this factor
@@ -251,6 +251,9 @@ def test_second_order_optimizers_are_refused_without_loop_support(monkeypatch):
     for cfg in (load("sophiah"), load("registry", name="adahessian")):
         with pytest.raises(ConfigError, match="create_graph=True"):
             build_optimizer(cfg, mlp(), batch_size=64, total_steps=10)
+        with pytest.raises(ConfigError, match="create_graph=True"):
+            check_optimizer(cfg)  # before any data is loaded
+    check_optimizer(load("adamw"))
 
 
 def test_bad_values_are_config_errors():
