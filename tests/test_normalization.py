@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -46,6 +47,15 @@ MODELS = {
 }
 BN_COUNT = {"small_cnn": 3, "resnet18": 20, "resnet50": 53}
 STRUCTURAL = ("none", "none_fixup", "skipinit", "nf", "weightnorm")  # leave no normalization layer
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads; on shared cores one thread is several times faster."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def make(model_name: str, choice: str, ctx_data=None, **norm_overrides):
@@ -286,10 +296,11 @@ def test_trained_comparison_on_digits(tmp_path):
     the record stores the normalization and the number of layers replaced."""
     cmd = [
         sys.executable, "-m", "harness", "run", "-m", "experiment=quickstart",
-        "normalization=batchnorm,groupnorm,none_fixup", "trainer.epochs=5", "trainer.progress=none",
+        "normalization=batchnorm,groupnorm,none_fixup", "trainer.epochs=6", "trainer.progress=none",
         "trainer.checkpoint_every=0", f"results_dir={tmp_path}",
     ]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny CNN: one thread is faster on shared cores
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     records = [json.loads(p.read_text()) for p in tmp_path.glob("sweeps/**/result.json")]
     by_choice = {r["technique"]["choices"]["normalization"]: r for r in records}
