@@ -39,7 +39,7 @@ from harness.records import (
 )
 from harness.train import CHECKPOINT_NAME, Diverged, Trainer, load_checkpoint
 from techniques import build_techniques
-from techniques.optimizers import build_optimizer
+from techniques.optimizers import build_optimizer, check_optimizer
 from techniques.schedules import build_schedule
 
 log = logging.getLogger("harness")
@@ -152,6 +152,7 @@ def execute(cfg: DictConfig, run_dir: Path, choices: dict[str, str], overrides: 
     try:
         # techniques check their requirements (e.g. FP8 needs a GPU) before any data is loaded
         techniques = build_techniques(cfg)
+        check_optimizer(cfg.optimizer)
         data = build_dataset(cfg.dataset, cfg.data_dir, device, int(cfg.seed))
         data = distributed.shard_data(data)  # torchrun: this rank's shard of the training split
     except (ConfigError, DataMissingError):
@@ -226,7 +227,10 @@ def execute(cfg: DictConfig, run_dir: Path, choices: dict[str, str], overrides: 
                 finals[tq.name] = out["params"]
         record["metrics"] = metrics
         record["status"] = "ok"
-        record["techniques"] = {tq.name: {**tq.summary(), **({"params": finals[tq.name]} if tq.name in finals else {})} for tq in techniques}
+        record["techniques"] = {
+            getattr(tq, "group", tq.name): {"name": tq.name, **tq.summary(), **({"params": finals[tq.name]} if tq.name in finals else {})}
+            for tq in techniques
+        }
     except (ConfigError, DataMissingError):
         remove_if_unused(run_dir)
         raise

@@ -90,8 +90,11 @@ def technique_of(config: dict[str, Any], choices: dict[str, str]) -> dict[str, A
     groups = {g: config.get(g) for g in TECHNIQUE_GROUPS if g in config}
     key = hashlib.sha1(json.dumps(groups, sort_keys=True, default=str).encode()).hexdigest()[:12]
     names = {g: choices.get(g, str((config.get(g) or {}).get("name", ""))) for g in TECHNIQUE_GROUPS}
+    # "none" is the baseline of most groups, but normalization=none (no normalization at all) is a technique
     label = "+".join(
-        v for g, v in names.items() if v and v not in ("none", "default", "auto") or g == "optimizer"
+        v
+        for g, v in names.items()
+        if (v and v not in ("none", "default", "auto")) or g == "optimizer" or (g == "normalization" and v == "none")
     )
     return {"key": key, "label": label, "choices": names, "config": groups}
 

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from harness import distributed, preemption
+from harness.errors import ConfigError
 from harness.hooks import Batch, RunContext, Technique, overrides, soft_cross_entropy
 from harness.metrics import classification_metrics, perplexity
 from harness.records import atomic_write_text  # noqa: F401  (re-exported for techniques)
@@ -29,6 +30,9 @@ from harness.records import atomic_write_text  # noqa: F401  (re-exported for te
 log = logging.getLogger("harness")
 
 CHECKPOINT_NAME = "checkpoint.pt"
+# the loop calls backward(create_graph=True) for optimizers that need Hessian-vector products
+# (SophiaH, AdaHessian); techniques.optimizers refuses them when this flag is missing
+SECOND_ORDER_BACKWARD = True
 
 
 class Diverged(RuntimeError):
@@ -132,6 +136,9 @@ class Trainer:
         self.channels_last = bool(t.channels_last) and self.device.type == "cuda" and cfg.model.get("family") == "cnn"
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
+        self.second_order = bool(getattr(optimizer, "second_order", False))
+        if self.second_order and t.compile:
+            raise ConfigError("trainer.compile=true cannot be combined with a second-order optimizer (double backward through a compiled graph); use trainer.compile=false")
         self.forward = torch.compile(self.model) if t.compile else self.model
         # under torchrun only the training forward goes through DDP; eval and checkpoints use the plain module
         self.train_forward = self.forward
@@ -322,10 +329,10 @@ class Trainer:
                     loss = self._loss(logits, batch)
                     self.optimizer.zero_grad(set_to_none=True)
                     if self.scaler is not None:
-                        self.scaler.scale(loss).backward()
+                        self.scaler.scale(loss).backward(create_graph=self.second_order)
                         self.scaler.unscale_(self.optimizer)
                     else:
-                        loss.backward()
+                        loss.backward(create_graph=self.second_order)
                     for tq in self.hooks["after_backward"]:
                         tq.after_backward(self.model, ctx)
                     if self.scaler is not None:

@@ -63,7 +63,9 @@ def build_techniques(cfg: DictConfig) -> list[Technique]:
             k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if k not in META_KEYS
         }
         try:
-            out.append(TECHNIQUES.get(key)(**params))
+            technique = TECHNIQUES.get(key)(**params)
+            technique.group = group  # the record keys technique statistics by group
+            out.append(technique)
         except TypeError as e:
             raise ConfigError(f"bad hyper-parameters for {group}={node.name}: {e}") from e
     return out

@@ -27,9 +27,9 @@ def test_quickstart_with_temperature_scaling_pskd_and_label_smoothing(tmp_path):
         for key in ("test_ece", "test_nll", "test_brier", "test_aurc", "test_ece_after", "test_nll_after"):
             assert 0 <= m[key] < 10, (name, key, m.get(key))
         assert m["test_acc_after"] == m["test_acc"]  # temperature scaling never changes the argmax
-        assert rec["techniques"]["temperature"]["params"]["temperature"] > 0
+        assert rec["techniques"]["calibration"]["params"]["temperature"] > 0
         assert (Path(rec["run_dir"]) / "calibration_logits.pt").exists()
     plain = recs["none"]["metrics"]
     assert plain["test_ece_after"] <= plain["test_ece"]
-    assert recs["pskd"]["techniques"]["pskd"]["final_alpha"] == 0.8  # alpha_T reached at the last epoch
-    assert recs["label_smoothing"]["techniques"]["label_smoothing"]["epsilon"] == 0.1
+    assert recs["pskd"]["techniques"]["regularization"]["final_alpha"] == 0.8  # alpha_T reached at the last epoch
+    assert recs["label_smoothing"]["techniques"]["regularization"]["epsilon"] == 0.1

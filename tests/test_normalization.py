@@ -308,5 +308,5 @@ def test_trained_comparison_on_digits(tmp_path):
     for choice, r in by_choice.items():
         assert r["status"] == "ok"
         assert r["metrics"]["test_acc"] >= 0.85, (choice, r["metrics"]["test_acc"])
-        assert r["techniques"][choice]["replaced"] == 3
-    assert by_choice["groupnorm"]["techniques"]["groupnorm"]["kind"] == "GroupNorm"
+        assert r["techniques"]["normalization"]["replaced"] == 3
+    assert by_choice["groupnorm"]["techniques"]["normalization"]["kind"] == "GroupNorm"
