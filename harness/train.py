@@ -239,11 +239,12 @@ class Trainer:
         count = 0
         with autocast_for(self.precision, self.device):
             for batch in split.batches(self.cfg.trainer.eval_batch_size, train=False):
-                logits = self.forward(batch.x).float()
-                total += torch.nn.functional.cross_entropy(
-                    logits.reshape(-1, logits.shape[-1]), batch.y.reshape(-1), reduction="sum"
-                )
-                count += batch.y.numel()
+                # chunks of ~64k tokens bound the float32 logits (tokens x vocabulary) held at once
+                rows = max(1, 65536 // batch.x.shape[1])
+                for x, y in zip(batch.x.split(rows), batch.y.split(rows)):
+                    logits = self.forward(x).float()
+                    total += torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum")
+                    count += y.numel()
         self._set_optimizer_mode("train")
         self.model.train()
         return total.item() / max(count, 1)

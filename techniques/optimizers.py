@@ -69,10 +69,13 @@ def final_layer(model: nn.Module) -> nn.Module | None:
 def param_groups(model: nn.Module, weight_decay: float, decay_all: bool) -> list[dict[str, Any]]:
     """Two groups: weights that are decayed and biases / normalization gains that are not
     (decaying scale parameters of normalization layers only shrinks them; common practice since
-    Goyal et al. 2017). ``decay_all`` puts everything in the decayed group."""
+    Goyal et al. 2017). Parameters a model names in timm's ``no_weight_decay()`` (a ViT's position
+    embedding and class token) are not decayed either. ``decay_all`` puts everything in the decayed group."""
+    skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
+    excluded = {id(p) for n, p in model.named_parameters() if n in skip}
     decay, no_decay = [], []
     for p in _unique_trainable(model):
-        (decay if decay_all or p.ndim >= 2 else no_decay).append(p)
+        (decay if decay_all or (p.ndim >= 2 and id(p) not in excluded) else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
