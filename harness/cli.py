@@ -12,6 +12,7 @@ import importlib
 import logging
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 from harness.config import CONF_DIR, GROUPS, list_choices
@@ -83,11 +84,17 @@ def check_type(key: str, override) -> None:
 
 
 def check_writable(path: Path) -> None:
+    """The nearest existing folder of ``path`` must accept a new folder (os.access alone says yes to
+    root on read-only mounts such as /proc)."""
     probe = path
     while not probe.exists():
         probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise ConfigError(f"results_dir={path} is not writable ({probe} is not a writable directory)")
+    try:
+        if not probe.is_dir():
+            raise OSError(f"{probe} is not a directory")
+        os.rmdir(tempfile.mkdtemp(prefix=".harness-write-check-", dir=probe))
+    except OSError as e:
+        raise ConfigError(f"results_dir={path} is not writable ({probe}: {e.strerror or e})") from e
 
 
 def run(args: list[str]) -> int:

@@ -149,7 +149,8 @@ def test_cli_list_and_unknown_subcommand():
     p = harness("list", "optimizers")
     assert p.returncode == 2 and "Did you mean: optimizer" in p.stderr
     p = harness("trian")
-    assert p.returncode == 2 and "Valid choices: run, list" in p.stderr
+    assert p.returncode == 2 and "unknown command 'trian'. Did you mean: run?" in p.stderr
+    assert "Valid choices: leaderboard, list, plot, run" in p.stderr
 
 
 def test_cifar10_small_cnn_learns_on_real_data(tmp_path, real_cifar10):
