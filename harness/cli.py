@@ -166,7 +166,14 @@ def list_groups(args: list[str]) -> int:
                 spec = {}
             desc = spec.get("description") if isinstance(spec, dict) else None
             if not desc:  # first comment line that is not a Hydra directive
-                desc = next((ln.lstrip("# ").strip() for ln in text.splitlines() if ln.startswith("#") and "@package" not in ln), "")
+                desc = next(
+                    (
+                        ln.lstrip("# ").strip()
+                        for ln in text.splitlines()
+                        if ln.startswith("#") and "@package" not in ln
+                    ),
+                    "",
+                )
             paper = spec.get("paper", "") if isinstance(spec, dict) else ""
             line = f"  {choice:<22} {desc}"
             if paper and paper not in desc:

@@ -71,7 +71,9 @@ def apply_baseline_recipe(cfg: DictConfig, choices: dict[str, str], overrides: l
         return
     with open_dict(cfg):
         for key in ("lr", "weight_decay"):
-            if base.get(key) is not None and not any(o.split("=")[0].lstrip("+~") == f"optimizer.{key}" for o in overrides):
+            if base.get(key) is not None and not any(
+                o.split("=")[0].lstrip("+~") == f"optimizer.{key}" for o in overrides
+            ):
                 cfg.optimizer[key] = base[key]
 
 
@@ -114,7 +116,9 @@ def remove_if_unused(run_dir: Path) -> None:
                 break
 
 
-def execute(cfg: DictConfig, run_dir: Path, choices: dict[str, str], overrides: list[str], extras: dict | None = None) -> dict[str, Any]:
+def execute(
+    cfg: DictConfig, run_dir: Path, choices: dict[str, str], overrides: list[str], extras: dict | None = None
+) -> dict[str, Any]:
     """Run one experiment in ``run_dir`` and return its record. Raises ConfigError / DataMissingError
     for bad input (no record) and RunFailed after writing the record of a failed run."""
     try:
@@ -172,7 +176,13 @@ def execute(cfg: DictConfig, run_dir: Path, choices: dict[str, str], overrides: 
         "run_key": key,
         "seed": int(cfg.seed),
         "started_at": started.isoformat(timespec="seconds"),
-        "dataset_info": {"name": data.name, "task": data.task, "num_classes": data.num_classes, "input_shape": list(data.input_shape), **data.meta},
+        "dataset_info": {
+            "name": data.name,
+            "task": data.task,
+            "num_classes": data.num_classes,
+            "input_shape": list(data.input_shape),
+            **data.meta,
+        },
     }
     trainer = None
     logger = None
@@ -184,7 +194,15 @@ def execute(cfg: DictConfig, run_dir: Path, choices: dict[str, str], overrides: 
         if t.max_steps is not None:  # a step budget replaces the epoch budget
             total = int(t.max_steps)
             epochs = -(-total // spe)
-        ctx = RunContext(cfg=cfg, device=device, data=data, total_steps=total, steps_per_epoch=spe, epochs=epochs, run_dir=str(run_dir))
+        ctx = RunContext(
+            cfg=cfg,
+            device=device,
+            data=data,
+            total_steps=total,
+            steps_per_epoch=spe,
+            epochs=epochs,
+            run_dir=str(run_dir),
+        )
         ctx.extras["run_key"] = key
         ctx.extras.update(extras or {})
         model = build_model(cfg.model, data).to(device)
@@ -193,8 +211,13 @@ def execute(cfg: DictConfig, run_dir: Path, choices: dict[str, str], overrides: 
         model = model.to(device)
         ctx.model = model
         params = count_params(model)
-        log.info(f"model {choices.get('model')}: {params:,} parameters; {len(data.train):,} training samples, {spe} steps/epoch, {epochs} epochs on {device}")
-        record["model_info"] = {"params": params, "flops_per_sample": training_flops_per_sample(model, data.input_shape)}
+        log.info(
+            f"model {choices.get('model')}: {params:,} parameters; {len(data.train):,} training samples, {spe} steps/epoch, {epochs} epochs on {device}"
+        )
+        record["model_info"] = {
+            "params": params,
+            "flops_per_sample": training_flops_per_sample(model, data.input_shape),
+        }
         optimizer = build_optimizer(cfg.optimizer, model, batch_size=int(t.batch_size), total_steps=total)
         ctx.optimizer = optimizer
         scheduler = build_schedule(cfg.schedule, optimizer, total, spe)
@@ -228,7 +251,11 @@ def execute(cfg: DictConfig, run_dir: Path, choices: dict[str, str], overrides: 
         record["metrics"] = metrics
         record["status"] = "ok"
         record["techniques"] = {
-            getattr(tq, "group", tq.name): {"name": tq.name, **tq.summary(), **({"params": finals[tq.name]} if tq.name in finals else {})}
+            getattr(tq, "group", tq.name): {
+                "name": tq.name,
+                **tq.summary(),
+                **({"params": finals[tq.name]} if tq.name in finals else {}),
+            }
             for tq in techniques
         }
     except (ConfigError, DataMissingError):
@@ -269,7 +296,9 @@ def execute(cfg: DictConfig, run_dir: Path, choices: dict[str, str], overrides: 
     if record["status"] != "ok":
         raise RunFailed(f"run {record['status']}: {record['error']} (record: {run_dir / RECORD_NAME})")
     m = record["metrics"]
-    summary = ", ".join(f"{k} {m[k]:.4f}" for k in ("test_acc", "test_top5", "test_loss", "val_ppl", "test_ppl") if k in m)
+    summary = ", ".join(
+        f"{k} {m[k]:.4f}" for k in ("test_acc", "test_top5", "test_loss", "val_ppl", "test_ppl") if k in m
+    )
     log.info(f"done in {record['timing']['total_s']:.1f}s: {summary}")
     if distributed.is_main():
         print(f"test: {summary}" if summary else "done", file=sys.stdout, flush=True)
@@ -288,5 +317,9 @@ def hardware(device: torch.device) -> dict[str, Any]:
     import platform
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
-    world = torch.distributed.get_world_size() if torch.distributed.is_available() and torch.distributed.is_initialized() else 1
+    world = (
+        torch.distributed.get_world_size()
+        if torch.distributed.is_available() and torch.distributed.is_initialized()
+        else 1
+    )
     return {"device": device.type, "device_name": name, "world_size": world, "cpu_threads": torch.get_num_threads()}

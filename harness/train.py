@@ -94,13 +94,17 @@ class Progress:
         if self.bar is not None:
             if self.task is not None:
                 self.bar.remove_task(self.task)
-            self.task = self.bar.add_task("", total=self.spe, epoch=f"{epoch + 1}/{self.epochs}", loss=float("nan"), rate=0.0)
+            self.task = self.bar.add_task(
+                "", total=self.spe, epoch=f"{epoch + 1}/{self.epochs}", loss=float("nan"), rate=0.0
+            )
 
     def update(self, epoch: int, step_in_epoch: int, loss: float, rate: float) -> None:
         if self.bar is not None:
             self.bar.update(self.task, completed=step_in_epoch, loss=loss, rate=rate)
         elif self.mode == "plain":
-            log.info(f"epoch {epoch + 1}/{self.epochs} step {step_in_epoch}/{self.spe} loss {loss:.4f} {rate:.0f} samples/s")
+            log.info(
+                f"epoch {epoch + 1}/{self.epochs} step {step_in_epoch}/{self.spe} loss {loss:.4f} {rate:.0f} samples/s"
+            )
 
     def close(self) -> None:
         if self.bar is not None:
@@ -138,7 +142,9 @@ class Trainer:
             self.model.to(memory_format=torch.channels_last)
         self.second_order = bool(getattr(optimizer, "second_order", False))
         if self.second_order and t.compile:
-            raise ConfigError("trainer.compile=true cannot be combined with a second-order optimizer (double backward through a compiled graph); use trainer.compile=false")
+            raise ConfigError(
+                "trainer.compile=true cannot be combined with a second-order optimizer (double backward through a compiled graph); use trainer.compile=false"
+            )
         self.forward = torch.compile(self.model) if t.compile else self.model
         # under torchrun only the training forward goes through DDP; eval and checkpoints use the plain module
         self.train_forward = self.forward
@@ -148,7 +154,10 @@ class Trainer:
         self.run_dir = Path(ctx.run_dir)
         self.ckpt_path = self.run_dir / CHECKPOINT_NAME
         self.is_lm = self.data.task == "lm"
-        self.hooks = {h: [tq for tq in techniques if overrides(tq, h)] for h in ("prepare_batch", "loss", "after_backward", "after_epoch")}
+        self.hooks = {
+            h: [tq for tq in techniques if overrides(tq, h)]
+            for h in ("prepare_batch", "loss", "after_backward", "after_epoch")
+        }
         ctx.extras["predict"] = self.predict
         # progress state (restored on resume)
         self.epoch = 0
@@ -195,7 +204,17 @@ class Trainer:
             self.scaler.load_state_dict(s["scaler"])
         for i, tq in enumerate(self.techniques):
             tq.load_state_dict(s["techniques"].get(f"{i}:{tq.name}", {}))
-        for k in ("epoch", "step", "curve", "train_s", "eval_s", "samples", "time_to_target", "target_epoch", "requeues"):
+        for k in (
+            "epoch",
+            "step",
+            "curve",
+            "train_s",
+            "eval_s",
+            "samples",
+            "time_to_target",
+            "target_epoch",
+            "requeues",
+        ):
             setattr(self, k, s[k])
         self.skipped_steps.fill_(s.get("skipped_steps", 0.0))
         self.partial = s.get("partial")
@@ -243,7 +262,9 @@ class Trainer:
                 rows = max(1, 65536 // batch.x.shape[1])
                 for x, y in zip(batch.x.split(rows), batch.y.split(rows)):
                     logits = self.forward(x).float()
-                    total += torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum")
+                    total += torch.nn.functional.cross_entropy(
+                        logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum"
+                    )
                     count += y.numel()
         self._set_optimizer_mode("train")
         self.model.train()
@@ -386,7 +407,9 @@ class Trainer:
                     if last:
                         final_metrics = metrics
                 self.curve.append(point)
-                evaluated = ", ".join(f"{k} {v:.4f}" for k, v in point.items() if k.startswith(("test_", "val_")) and isinstance(v, float))
+                evaluated = ", ".join(
+                    f"{k} {v:.4f}" for k, v in point.items() if k.startswith(("test_", "val_")) and isinstance(v, float)
+                )
                 log.info(f"epoch {self.epoch}/{epochs} train_loss {train_loss:.4f} {evaluated}")
                 if self.logger is not None:
                     self.logger.log_epoch(self.epoch, point)
@@ -419,5 +442,8 @@ class Trainer:
         if self.is_lm:
             out["throughput"]["tokens_per_s"] = tokens / self.train_s if self.train_s else None
         if self.scaler is not None:
-            out["grad_scaler"] = {"final_scale": float(self.scaler.get_scale()), "skipped_steps": int(self.skipped_steps.item())}
+            out["grad_scaler"] = {
+                "final_scale": float(self.scaler.get_scale()),
+                "skipped_steps": int(self.skipped_steps.item()),
+            }
         return out

@@ -14,7 +14,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
 
-def harness(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+def harness(
+    *args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess:
     """Run ``harness <args>`` as a user would (``python -m harness`` so the test's interpreter is used)."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "HARNESS_OFFLINE": "1", **(env or {})}
     return subprocess.run(

@@ -59,8 +59,18 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
     (expected,) = records(tmp_path / "ref")
 
     run_dir = tmp_path / "interrupted" / "run"
-    cmd = [sys.executable, "-m", "harness", "run", *args, f"results_dir={tmp_path / 'interrupted'}", f"hydra.run.dir={run_dir}"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "HARNESS_OFFLINE": "1"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "harness",
+        "run",
+        *args,
+        f"results_dir={tmp_path / 'interrupted'}",
+        f"hydra.run.dir={run_dir}",
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "HARNESS_OFFLINE": "1"}
+    )
     ckpt = run_dir / "checkpoint.pt"
     deadline = time.time() + 300
     while not ckpt.exists() and proc.poll() is None and time.time() < deadline:

@@ -103,7 +103,12 @@ class DeviceImageSplit:
             dx = torch.randint(0, 2 * p + 1, (b,), generator=g).to(self.device)
             rows = (dy[:, None] + torch.arange(h, device=self.device)).view(b, 1, h, 1)
             cols = (dx[:, None] + torch.arange(w, device=self.device)).view(b, 1, 1, w)
-            x = x[torch.arange(b, device=self.device).view(b, 1, 1, 1), torch.arange(x.shape[1], device=self.device).view(1, -1, 1, 1), rows, cols]
+            x = x[
+                torch.arange(b, device=self.device).view(b, 1, 1, 1),
+                torch.arange(x.shape[1], device=self.device).view(1, -1, 1, 1),
+                rows,
+                cols,
+            ]
         if self.flip:
             flip = (torch.rand(b, generator=g) < 0.5).to(self.device).view(b, 1, 1, 1)
             x = torch.where(flip, x.flip(3), x)
@@ -121,10 +126,14 @@ class DeviceImageSplit:
         else:
             for i in range(0, n, batch_size):
                 idx = torch.arange(i, min(i + batch_size, n), device=self.device)
-                yield Batch(x=self._normalise(self.images[i : i + batch_size]), y=self.labels[i : i + batch_size], index=idx)
+                yield Batch(
+                    x=self._normalise(self.images[i : i + batch_size]), y=self.labels[i : i + batch_size], index=idx
+                )
 
 
-def split_off_validation(train: DeviceImageSplit, val_size: int, seed: int) -> tuple[DeviceImageSplit, DeviceImageSplit | None]:
+def split_off_validation(
+    train: DeviceImageSplit, val_size: int, seed: int
+) -> tuple[DeviceImageSplit, DeviceImageSplit | None]:
     """Carve a held-out validation split of ``val_size`` samples from the training split (never
     from test). The choice depends on the data seed only, so every technique of a task sees the
     same validation images."""
