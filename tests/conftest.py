@@ -33,6 +33,18 @@ def records(results_dir: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(Path(results_dir).glob("**/result.json"))]
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models and LBFGS on tiny problems gain nothing from intra-op threads; on 2 shared cores one
+    thread is several times faster. Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():

@@ -24,13 +24,7 @@ from techniques.calibration import (
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # LBFGS on tiny problems: thread start-up dominates, and 2 threads on 2 shared cores can be 100x slower
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def logits_for(probs):

@@ -49,13 +49,7 @@ BN_COUNT = {"small_cnn": 3, "resnet18": 20, "resnet50": 53}
 STRUCTURAL = ("none", "none_fixup", "skipinit", "nf", "weightnorm")  # leave no normalization layer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads; on shared cores one thread is several times faster."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make(model_name: str, choice: str, ctx_data=None, **norm_overrides):
