@@ -25,6 +25,7 @@ from harness.data import build_dataset
 from harness.errors import ConfigError, DataMissingError
 from harness.hardware import add_mfu
 from harness.hooks import RunContext
+from harness.loggers import make_logger
 from harness.models import build_model
 from harness.models.flops import count_params, training_flops_per_sample
 from harness.records import (
@@ -40,6 +41,7 @@ from harness.records import (
 from harness.train import CHECKPOINT_NAME, Diverged, Trainer, load_checkpoint
 from techniques import build_techniques
 from techniques.optimizers import build_optimizer, check_optimizer
+from techniques.quantization import optimizer_state_bytes
 from techniques.schedules import build_schedule
 
 log = logging.getLogger("harness")
@@ -221,14 +223,9 @@ def execute(
         optimizer = build_optimizer(cfg.optimizer, model, batch_size=int(t.batch_size), total_steps=total)
         ctx.optimizer = optimizer
         scheduler = build_schedule(cfg.schedule, optimizer, total, spe)
-        try:
-            from harness.loggers import make_logger
-
-            logger = make_logger(cfg, run_dir) if distributed.is_main() else None  # only rank 0 logs
-            if logger is not None:
-                logger.log_config(config)
-        except ImportError:
-            logger = None
+        logger = make_logger(cfg, run_dir) if distributed.is_main() else None  # only rank 0 logs
+        if logger is not None:
+            logger.log_config(config)
         trainer = Trainer(cfg, ctx, model, optimizer, scheduler, techniques, logger)
         ckpt = run_dir / CHECKPOINT_NAME
         if ckpt.exists():
@@ -275,8 +272,6 @@ def execute(
             record["requeues"] = trainer.requeues
         record["memory"] = peak_memory(device)
         if trainer is not None:
-            from techniques.quantization import optimizer_state_bytes
-
             record["memory"]["optimizer_state_bytes"] = optimizer_state_bytes(trainer.optimizer)
         record["hardware"] = hardware(device)
         add_mfu(record)  # hardware.peak_flops and throughput.mfu (None on CPU / unknown GPUs)

@@ -22,10 +22,10 @@ import torch
 from torch import Tensor, nn
 
 from harness import distributed, preemption
+from harness.calibration_metrics import calibration_metrics
 from harness.errors import ConfigError
 from harness.hooks import Batch, RunContext, Technique, overrides, soft_cross_entropy
 from harness.metrics import classification_metrics, perplexity
-from harness.records import atomic_write_text  # noqa: F401  (re-exported for techniques)
 
 log = logging.getLogger("harness")
 
@@ -287,10 +287,6 @@ class Trainer:
         return out
 
     def final_classification_metrics(self, logits: Tensor, labels: Tensor) -> dict[str, float]:
-        try:
-            from harness.calibration_metrics import calibration_metrics
-        except ImportError:  # calibration metrics module not installed in this checkout
-            return {}
         return calibration_metrics(logits, labels, prefix="test_")
 
     # ---------------------------------------------------------------- training
