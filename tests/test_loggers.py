@@ -102,9 +102,14 @@ def test_wandb_offline_writes_final_metrics(tmp_path, monkeypatch):
     if (runs[0] / "files" / "wandb-summary.json").exists():  # older wandb writes it at finish
         summary = json.loads((runs[0] / "files" / "wandb-summary.json").read_text())
     else:
-        recs = _wandb_records(next(runs[0].glob("run-*.wandb")))
-        summary = {i.key: json.loads(i.value_json) for r in recs if r.HasField("summary") for i in r.summary.update}
-        history = [r for r in recs if r.HasField("history")]
+        # wandb's service process may still be flushing the file when finish() returns: re-read briefly
+        for _ in range(40):
+            recs = _wandb_records(next(runs[0].glob("run-*.wandb")))
+            summary = {i.key: json.loads(i.value_json) for r in recs if r.HasField("summary") for i in r.summary.update}
+            history = [r for r in recs if r.HasField("history")]
+            if len(history) >= 2 and "test_acc" in summary:
+                break
+            time.sleep(0.25)
         assert len(history) == 2
         config = [json.loads(i.value_json) for r in recs if r.HasField("run") for i in r.run.config.update]
         assert {"name": "sgd", "lr": 0.05} in config
