@@ -94,13 +94,11 @@ class DeviceImageSplit:
     def _normalise(self, x: Tensor) -> Tensor:
         return (x.float() - self.mean) / self.std
 
-    def _augment(self, x: Tensor, g: torch.Generator) -> Tensor:
+    def _augment(self, x: Tensor, dy: Tensor | None, dx: Tensor | None, flip: Tensor | None) -> Tensor:
         b, _, h, w = x.shape
-        if self.crop_padding:
+        if dy is not None:
             p = self.crop_padding
             x = torch.nn.functional.pad(x, (p, p, p, p))
-            dy = torch.randint(0, 2 * p + 1, (b,), generator=g).to(self.device)
-            dx = torch.randint(0, 2 * p + 1, (b,), generator=g).to(self.device)
             rows = (dy[:, None] + torch.arange(h, device=self.device)).view(b, 1, h, 1)
             cols = (dx[:, None] + torch.arange(w, device=self.device)).view(b, 1, 1, w)
             x = x[
@@ -109,19 +107,27 @@ class DeviceImageSplit:
                 rows,
                 cols,
             ]
-        if self.flip:
-            flip = (torch.rand(b, generator=g) < 0.5).to(self.device).view(b, 1, 1, 1)
-            x = torch.where(flip, x.flip(3), x)
+        if flip is not None:
+            x = torch.where(flip.view(b, 1, 1, 1), x.flip(3), x)
         return x
 
     def batches(self, batch_size: int, *, train: bool, epoch: int = 0, seed: int = 0) -> Iterator[Batch]:
         n = len(self)
         if train:
+            # the whole epoch's randomness in one draw and one host-to-device copy: a copy per batch
+            # would make the host wait for the GPU at every step
             g = epoch_generator(seed, epoch)
-            order = torch.randperm(n, generator=g).to(self.device)
+            order = torch.randperm(n, generator=g)
+            p = self.crop_padding
+            dy = torch.randint(0, 2 * p + 1, (n,), generator=g) if p else None
+            dx = torch.randint(0, 2 * p + 1, (n,), generator=g) if p else None
+            flip = torch.rand(n, generator=g) < 0.5 if self.flip else None
+            order, dy, dx, flip = (t.to(self.device) if t is not None else None for t in (order, dy, dx, flip))
             for i in range(self.num_batches(batch_size, True)):
-                idx = order[i * batch_size : (i + 1) * batch_size]
-                x = self._augment(self._normalise(self.images[idx]), g)
+                sl = slice(i * batch_size, (i + 1) * batch_size)
+                idx = order[sl]
+                x = self._normalise(self.images[idx])
+                x = self._augment(x, *(t[sl] if t is not None else None for t in (dy, dx, flip)))
                 yield Batch(x=x, y=self.labels[idx], index=idx)
         else:
             for i in range(0, n, batch_size):
