@@ -76,21 +76,7 @@ def _fig(w: float, h: float, left=0.7, right=0.15, bottom=0.45, top=0.35, wspace
 # ----------------------------------------------------------------------------- reliability diagram
 
 
-def reliability_bins(confidences: Sequence[float], correct: Sequence[bool], n_bins: int = 15) -> dict[str, list]:
-    """Top-label reliability bins (equal width on [0, 1], as in Guo et al. 2017, "On Calibration of Modern
-    Neural Networks"): per bin the mean confidence, the accuracy and the count. Empty bins hold NaN."""
-    conf = np.asarray(confidences, float)
-    corr = np.asarray(correct, float)
-    edges = np.linspace(0.0, 1.0, n_bins + 1)
-    idx = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, n_bins - 1)
-    count = np.bincount(idx, minlength=n_bins)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mconf = np.bincount(idx, conf, n_bins) / count
-        acc = np.bincount(idx, corr, n_bins) / count
-    return {"edges": edges.tolist(), "confidence": mconf.tolist(), "accuracy": acc.tolist(), "count": count.tolist()}
-
-
-def expected_calibration_error(bins: Mapping[str, Sequence]) -> float:
+def ece_from_bins(bins: Mapping[str, Sequence]) -> float:
     """ECE of a bins dict: sum over bins of count/N * |accuracy - confidence|."""
     c = np.asarray(bins["count"], float)
     gap = np.abs(np.asarray(bins["accuracy"], float) - np.asarray(bins["confidence"], float))
@@ -106,7 +92,7 @@ def reliability_diagram(
     path: str | Path | None = None,
 ) -> Figure:
     """Reliability diagram: accuracy vs confidence per bin for each stage (e.g. ``{"before": bins, "after":
-    bins}`` with bins from ``reliability_bins``: keys ``confidence``, ``accuracy``, ``count``, optional
+    bins}`` with bins from ``harness.calibration_metrics.reliability_bins``: keys ``confidence``, ``accuracy``, ``count``, optional
     ``edges``), the diagonal of perfect calibration, the ECE of each stage in the legend, and the bin counts
     (share of samples) as bars underneath. Draws into ``ax`` when given; writes ``path``.png/.svg when given."""
     fig = ax.figure if ax is not None else _fig(3.6, 3.4)
@@ -119,7 +105,7 @@ def reliability_diagram(
         acc = np.asarray(b["accuracy"], float)
         cnt = np.asarray(b["count"], float)
         m = cnt > 0
-        ece = expected_calibration_error(b)
+        ece = ece_from_bins(b)
         ax.plot(conf[m], acc[m], "o-", ms=3, lw=1.2, color=colors.get(stage, f"C{i}"), label=f"{stage} (ECE {ece:.3f})")
         if total is None:
             edges = np.asarray(b.get("edges") or np.linspace(0, 1, len(cnt) + 1), float)

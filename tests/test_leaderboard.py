@@ -8,10 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from scipy import stats
 
 from harness import leaderboard as L
-from harness.plots import expected_calibration_error, reliability_bins, reliability_diagram
+from harness.calibration_metrics import reliability_bins
+from harness.plots import ece_from_bins, reliability_diagram
 
 NEUTRAL = {"precision": "auto", "clip": "none", "normalization": "default", "regularization": "none"}
 NEUTRAL |= {"calibration": "none", "quantization": "none"}
@@ -248,13 +250,14 @@ def test_pareto_front():
 
 
 def test_reliability_bins_and_diagram(tmp_path):
-    conf = np.array([0.05, 0.15, 0.95, 0.95, 0.91, 1.0])
-    correct = np.array([0, 0, 1, 1, 0, 1])
-    b = reliability_bins(conf, correct, n_bins=10)
-    assert b["count"] == [1, 1, 0, 0, 0, 0, 0, 0, 0, 4]
+    # two classes: top-label confidence c for class 0; correct when the label is 0
+    conf = torch.tensor([0.55, 0.65, 0.95, 0.95, 0.91, 1.0])
+    labels = torch.tensor([1, 1, 0, 0, 1, 0])
+    b = reliability_bins(torch.stack([conf, 1 - conf], 1), labels, n_bins=10)
+    assert b["count"] == [0, 0, 0, 0, 0, 1, 1, 0, 0, 4]
     assert b["accuracy"][9] == pytest.approx(0.75) and b["confidence"][9] == pytest.approx((0.95 * 2 + 0.91 + 1) / 4)
-    # ECE = (1*0.05 + 1*0.15 + 4*|0.75-0.9525|) / 6
-    assert expected_calibration_error(b) == pytest.approx((0.05 + 0.15 + 4 * 0.2025) / 6)
+    # ECE = (1*0.55 + 1*0.65 + 4*|0.75-0.9525|) / 6
+    assert ece_from_bins(b) == pytest.approx((0.55 + 0.65 + 4 * 0.2025) / 6)
     fig = reliability_diagram({"before": b, "after": b}, path=tmp_path / "rel")
     assert len(fig.axes[0].lines) == 3  # diagonal + two stages
     assert (tmp_path / "rel.png").read_bytes()[:4] == b"\x89PNG" and (tmp_path / "rel.svg").exists()
