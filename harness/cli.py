@@ -21,8 +21,8 @@ from harness.registry import unknown_choice_message
 
 # subcommand -> "module:function" taking argv and returning an exit code
 SUBCOMMANDS = {
-    "leaderboard": "harness.leaderboard:cli",
-    "plot": "harness.plots_reliability:cli",
+    "leaderboard": "harness.analysis.command:cli",
+    "plot": "harness.analysis.reliability:cli",
 }
 USAGE = """usage: harness <command> [args]
 
@@ -102,15 +102,16 @@ def run(args: list[str]) -> int:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from harness import experiment, launchers
     from harness.config import register_schema
+    from harness.infra import launchers
+    from harness.run import experiment
 
     try:
         check_overrides(args)
     except ConfigError as e:
         return fail(str(e))
     register_schema()
-    from harness import distributed
+    from harness.infra import distributed
 
     if distributed.env_world_size() > 1:  # torchrun: join the process group, agree on one run dir
         try:

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 @dataclass
 class RunContext:
-    """What a hook may look at. Filled by ``harness.experiment`` and updated by the loop."""
+    """What a hook may look at. Filled by ``harness.run.experiment`` and updated by the loop."""
 
     cfg: Any  # the resolved OmegaConf config of the run
     device: torch.device

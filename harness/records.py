@@ -1,7 +1,7 @@
 """One JSON record per run (``result.json`` in the run directory), written atomically.
 
 The schema is documented in README.md ("Record schema"); bump ``SCHEMA_VERSION`` when a field
-changes meaning, and teach ``harness.leaderboard`` to read the old version.
+changes meaning, and teach ``harness.analysis.leaderboard`` to read the old version.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """GPT-2 training throughput (tokens/s) and MFU: forward, backward and a fused AdamW step on windows of
 WikiText-2 (when ``--data-dir`` holds it) or random tokens, under bf16 autocast and optionally
 torch.compile. FLOPs per token are the model's 6·N + 12·L·H·Q·T (nanoGPT's estimate_mfu); the peak
-comes from ``harness.hardware``. On a machine without CUDA it runs a tiny configuration so the script
+comes from ``harness.infra.hardware``. On a machine without CUDA it runs a tiny configuration so the script
 itself is exercised.
 
     python scripts/bench_gpt2.py                                  # GPT-2 small, seq 1024, bf16, compile
@@ -18,7 +18,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from harness.hardware import effective_precision, mfu, peak_flops
+from harness.infra.hardware import effective_precision, mfu, peak_flops
 from harness.models.gpt2 import GPT
 
 

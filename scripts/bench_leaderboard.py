@@ -134,24 +134,26 @@ def main() -> int:
             )
         for d in ("lb_inproc", "lb_subproc"):  # time a first run (every plot drawn), not a cached one
             shutil.rmtree(root / d, ignore_errors=True)
-        from harness.leaderboard import cli
+        from harness.analysis.command import cli
 
         t0, c0 = time.perf_counter(), os.times()
         rc = cli(["--results", str(root / "results"), "--out", str(root / "lb_inproc"), "--quiet"])
         t_in, c1 = time.perf_counter() - t0, os.times()
         cpu = sum(c1[:4]) - sum(c0[:4])  # user + system, this process and its plot workers
-        print(f"in-process  harness.leaderboard.cli: {t_in:.2f} s wall, {cpu:.2f} s CPU (rc={rc})")
+        print(f"in-process  harness.analysis.leaderboard.cli: {t_in:.2f} s wall, {cpu:.2f} s CPU (rc={rc})")
         t0, c0 = time.perf_counter(), os.times()
         cli(["--results", str(root / "results"), "--out", str(root / "lb_inproc"), "--quiet"])
         t_re, c1 = time.perf_counter() - t0, os.times()
         print(f"second run, plots unchanged (cached): {t_re:.2f} s wall, {sum(c1[:4]) - sum(c0[:4]):.2f} s CPU")
         if not args.no_subprocess:
-            cmd = [sys.executable, "-m", "harness.leaderboard", "--results", str(root / "results")]
+            cmd = [sys.executable, "-m", "harness.analysis.leaderboard", "--results", str(root / "results")]
             cmd += ["--out", str(root / "lb_subproc"), "--quiet"]
             t0 = time.perf_counter()
             p = subprocess.run(cmd, capture_output=True, text=True)
             t_sub = time.perf_counter() - t0
-            print(f"subprocess  python -m harness.leaderboard: {t_sub:.2f} s (rc={p.returncode}, includes imports)")
+            print(
+                f"subprocess  python -m harness.analysis.leaderboard: {t_sub:.2f} s (rc={p.returncode}, includes imports)"
+            )
             if p.returncode:
                 print(p.stderr[-2000:], file=sys.stderr)
         print(f"cpu cores: {os.cpu_count()}, load average {os.getloadavg()[0]:.1f}, target: <= 10 s")

@@ -22,12 +22,12 @@ from omegaconf import open_dict
 
 from harness.config import CONF_DIR, register_schema
 from harness.data import build_dataset
-from harness.experiment import execute
 from harness.hooks import soft_cross_entropy
 from harness.models import build_model
-from harness.train import autocast_for, resolve_precision
-from techniques.optimizers import build_optimizer
-from techniques.schedules import build_schedule
+from harness.run.experiment import execute
+from harness.run.precision import autocast_for, resolve_precision
+from harness.techniques.optimizers import build_optimizer
+from harness.techniques.schedules import build_schedule
 
 
 def compose_run(overrides: list[str]):

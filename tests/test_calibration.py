@@ -8,11 +8,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from harness.calibration_metrics import calibration_metrics, reliability_bins
 from harness.errors import ConfigError
 from harness.hooks import RunContext
-from techniques import build_techniques
-from techniques.calibration import (
+from harness.metrics.calibration import calibration_metrics, reliability_bins
+from harness.techniques.calibration import (
     LOGITS_FILE,
     HistogramBinning,
     IsotonicCalibration,
@@ -20,6 +19,7 @@ from techniques.calibration import (
     TemperatureScaling,
     VectorScaling,
 )
+from harness.techniques.registry import build_techniques
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -261,6 +261,6 @@ def test_reliability_plot_command_draws_before_and_after(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(ConfigError, match="calibration_logits.pt"):
-        from harness.plots_reliability import cli
+        from harness.analysis.reliability import cli
 
         cli(["reliability", str(empty)])

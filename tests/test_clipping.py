@@ -11,8 +11,8 @@ from torch import nn
 from harness.config import CONF_DIR, list_choices
 from harness.errors import ConfigError
 from harness.hooks import RunContext
-from techniques import build_techniques
-from techniques.clipping import AGC, AutoClip, NormClip, ValueClip, ZClip, global_norm
+from harness.techniques.clipping import AGC, AutoClip, NormClip, ValueClip, ZClip, global_norm
+from harness.techniques.registry import build_techniques
 
 
 def ctx(total=100):

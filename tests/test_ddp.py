@@ -70,7 +70,7 @@ def test_device_split_shards_are_disjoint_equal_and_use_the_per_rank_batch():
     import torch
 
     from harness.data.base import DeviceImageSplit
-    from harness.distributed import shard_split
+    from harness.data.sharding import shard_split
     from harness.errors import ConfigError
 
     n = 101

@@ -11,9 +11,10 @@ import pytest
 import torch
 from scipy import stats
 
-from harness import leaderboard as L
-from harness.calibration_metrics import reliability_bins
-from harness.plots import ece_from_bins, reliability_diagram
+from harness.analysis import command
+from harness.analysis import leaderboard as L
+from harness.analysis.plots import ece_from_bins, reliability_diagram
+from harness.metrics.calibration import reliability_bins
 
 NEUTRAL = {"precision": "auto", "clip": "none", "normalization": "default", "regularization": "none"}
 NEUTRAL |= {"calibration": "none", "quantization": "none"}
@@ -120,7 +121,7 @@ def test_significance_mark_and_small_n_warning(tmp_path):
     assert row(b, "adam+cosine")["mark"] == "" and not row(b, "adam+cosine")["significant"]
     assert row(b, "lion+cosine")["mark"] == "▼" and row(b, "lion+cosine")["better"] is False
     assert row(b, "adamp+cosine")["warning"] == "n=2<3" and row(b, "adamw+cosine")["warning"] == ""
-    from harness.report import task_markdown
+    from harness.analysis.report import task_markdown
 
     md = task_markdown(b, {})
     line = next(x for x in md.splitlines() if "| adamp+cosine |" in x)
@@ -166,7 +167,10 @@ def test_failed_and_diverged_are_counted_and_listed(two_configs):
     write_record(two_configs, opt="adamw", seed=8, status="diverged", error="loss is nan at step 12",
                  metrics={"test_acc": 0.1})  # fmt: skip
     out = two_configs / "lb"
-    assert L.cli(["--results", str(two_configs), "--out", str(out), "--format", "md,csv", "--no-plots", "--quiet"]) == 0
+    assert (
+        command.cli(["--results", str(two_configs), "--out", str(out), "--format", "md,csv", "--no-plots", "--quiet"])
+        == 0
+    )
     (b,) = L.build(two_configs, skip=(str(out),)).boards
     a = row(b, "adamw+cosine")
     assert (a["ok"], a["diverged"], a["failed"], a["n"]) == (4, 1, 1, 4)  # a diverged 0.1 is not averaged in
@@ -190,7 +194,7 @@ def test_corrupt_and_unknown_schema_records_are_skipped_with_warning(two_configs
     del rec["schema_version"]
     old.write_text(json.dumps(rec))
     out = two_configs / "lb"
-    rc = L.cli(["--results", str(two_configs), "--out", str(out), "--format", "md", "--no-plots", "--quiet"])
+    rc = command.cli(["--results", str(two_configs), "--out", str(out), "--format", "md", "--no-plots", "--quiet"])
     err = capsys.readouterr().err
     assert rc == 0
     assert f"skipped {bad / 'result.json'}: corrupt or truncated JSON" in err
@@ -204,7 +208,7 @@ def test_corrupt_and_unknown_schema_records_are_skipped_with_warning(two_configs
 def test_cli_writes_every_format_and_rejects_bad_arguments(two_configs, capsys):
     write_record(two_configs, opt="sgd", task="other", seed=0, metrics={"test_acc": 0.5})
     out = two_configs / "lb"
-    assert L.cli(["--results", str(two_configs), "--out", str(out)]) == 0
+    assert command.cli(["--results", str(two_configs), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "## net-data · 3ep" in printed and "| adamw+cosine |" in printed  # markdown when not a terminal
     for f in ("README.md", "net-data_3ep.md", "other_3ep.md", "leaderboard.csv", "index.html"):
@@ -215,17 +219,17 @@ def test_cli_writes_every_format_and_rejects_bad_arguments(two_configs, capsys):
     assert "[net-data · 3ep](net-data_3ep.md)" in (out / "README.md").read_text()
 
     out2 = two_configs / "lb2"
-    assert L.cli(["--results", str(two_configs), "--out", str(out2), "--format", "csv", "--task", "other"]) == 0
+    assert command.cli(["--results", str(two_configs), "--out", str(out2), "--format", "csv", "--task", "other"]) == 0
     assert sorted(p.name for p in out2.iterdir() if p.is_file()) == ["leaderboard.csv"]
     capsys.readouterr()
-    assert L.cli(["--results", str(two_configs), "--format", "pdf"]) == 2
+    assert command.cli(["--results", str(two_configs), "--format", "pdf"]) == 2
     assert "pdf" in capsys.readouterr().err
-    assert L.cli(["--results", str(two_configs), "--task", "nope"]) == 2
+    assert command.cli(["--results", str(two_configs), "--task", "nope"]) == 2
     err = capsys.readouterr().err
     assert "nope" in err and "net-data" in err and "other" in err
-    assert L.cli(["--results", str(two_configs), "--metric", "test_bleu"]) == 2
+    assert command.cli(["--results", str(two_configs), "--metric", "test_bleu"]) == 2
     assert "test_ece" in capsys.readouterr().err
-    assert L.cli(["--results", str(two_configs / "missing")]) == 2
+    assert command.cli(["--results", str(two_configs / "missing")]) == 2
 
 
 def test_performance_profile_scores_are_exact(tmp_path):
@@ -266,16 +270,16 @@ def test_reliability_bins_and_diagram(tmp_path):
 def test_plots_of_unchanged_tasks_are_reused(two_configs):
     out = two_configs / "lb"
     args = ["--results", str(two_configs), "--out", str(out), "--format", "md", "--quiet"]
-    assert L.cli(args) == 0
+    assert command.cli(args) == 0
     png = out / "plots" / "net-data_3ep_delta.png"
     first = (png.stat().st_mtime_ns, png.read_bytes())
-    assert L.cli(args) == 0
+    assert command.cli(args) == 0
     assert png.stat().st_mtime_ns == first[0]  # nothing changed: not redrawn
     write_record(two_configs, opt="lion", seed=0, metrics={"test_acc": 0.5})
     write_record(two_configs, opt="lion", seed=1, metrics={"test_acc": 0.6})
-    assert L.cli(args) == 0
+    assert command.cli(args) == 0
     assert png.read_bytes() != first[1]  # a new configuration: the delta chart has another bar
-    assert L.cli([*args, "--redraw"]) == 0 and png.stat().st_mtime_ns > first[0]
+    assert command.cli([*args, "--redraw"]) == 0 and png.stat().st_mtime_ns > first[0]
 
 
 def test_task_where_every_run_failed_is_still_listed(two_configs, capsys):

@@ -6,7 +6,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from harness.errors import ConfigError
-from harness.loggers import CsvLogger, default_group, make_logger
+from harness.infra.loggers import CsvLogger, default_group, make_logger
 
 
 def _rows(path):

@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 from harness.data.base import DataBundle
 from harness.errors import ConfigError
-from harness.hardware import add_mfu, mfu, peak_flops
+from harness.infra.hardware import add_mfu, mfu, peak_flops
 from harness.models import build_model
 from harness.models.flops import count_params, training_flops_per_sample
 from harness.models.gpt2 import GPT

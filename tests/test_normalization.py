@@ -21,9 +21,8 @@ from torch import nn
 from harness.errors import ConfigError
 from harness.hooks import Batch, RunContext
 from harness.models import build_model
-from techniques import build_techniques
-from techniques.norm_layers import BatchRenorm2d, FixupBlock, NFBlock, PostNormBlock, ScaleNorm
-from techniques.normalization import (
+from harness.techniques.norm_layers import BatchRenorm2d, FixupBlock, NFBlock, PostNormBlock, ScaleNorm
+from harness.techniques.normalization import (
     CNN_CHOICES,
     RESIDUAL_ONLY,
     TRANSFORMER_CHOICES,
@@ -31,6 +30,7 @@ from techniques.normalization import (
     pick_groups,
     valid_choices,
 )
+from harness.techniques.registry import build_techniques
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"

@@ -21,8 +21,15 @@ from harness.data import build_dataset
 from harness.errors import ConfigError
 from harness.hooks import RunContext, Technique
 from harness.models.resnet import SmallCNN
-from techniques import build_techniques, register
-from techniques.quantization import PTQ, QAT, FakeQuantConv2d, QuantizedConv2d, fp8_support, optimizer_state_bytes
+from harness.techniques.quantization import (
+    PTQ,
+    QAT,
+    FakeQuantConv2d,
+    QuantizedConv2d,
+    fp8_support,
+    optimizer_state_bytes,
+)
+from harness.techniques.registry import build_techniques, register
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -185,7 +192,7 @@ def test_fp8_layer_rule_converts_and_lists_the_large_linears(monkeypatch):
     gpt2 = pytest.importorskip("harness.models.gpt2")
     from torchao.float8.float8_linear import Float8Linear
 
-    import techniques.quantization as q
+    import harness.techniques.quantization as q
 
     monkeypatch.setattr(q, "fp8_support", lambda: (True, "test"))
     model = gpt2.GPT(100, block_size=16, n_layer=2, n_head=4, n_embd=128)
@@ -220,7 +227,7 @@ def test_fp8_without_fp8_gpu_is_refused_before_data_and_writes_nothing(tmp_path)
 
 
 def test_adamw8bit_state_is_under_30_percent_of_adamw(monkeypatch):
-    from techniques.optimizers import build_optimizer
+    from harness.techniques.optimizers import build_optimizer
 
     # torchao compiles its step; eager gives the same state tensors and saves a minute of CPU compile time
     monkeypatch.setattr(torch, "compile", lambda fn=None, **kw: fn)
@@ -263,7 +270,7 @@ def test_fp16_overflow_step_is_skipped_and_counted(tmp_path):
     from hydra import compose, initialize_config_dir
 
     from harness.config import register_schema
-    from harness.experiment import execute
+    from harness.run.experiment import execute
 
     register_schema()
     overrides = [

@@ -10,8 +10,8 @@ from omegaconf import OmegaConf
 
 from harness.errors import ConfigError
 from harness.hooks import Batch, RunContext, soft_cross_entropy
-from techniques import build_techniques
-from techniques.regularization import PSKD, CutMix, FocalLoss, LabelSmoothing, Mixup, Squentropy
+from harness.techniques.registry import build_techniques
+from harness.techniques.regularization import PSKD, CutMix, FocalLoss, LabelSmoothing, Mixup, Squentropy
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 C = 5

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from test_leaderboard import write_record  # tests/ is on sys.path under pytest
 
-from harness import leaderboard as L
+from harness.analysis import command
 
 CHROMIUM = Path("/usr/bin/chromium")
 EVIL = "<script>alert(1)</script>"
@@ -78,7 +78,7 @@ def test_html_page_in_headless_chromium(tmp_path):
         write_record(res, opt="lion", seed=s, metrics={"test_acc": a}, total_s=20.0)
     write_record(res, opt="lion", seed=9, status="failed", error=f"boom {EVIL}")
     out = tmp_path / "lb"
-    assert L.cli(["--results", str(res), "--out", str(out), "--format", "html", "--quiet"]) == 0
+    assert command.cli(["--results", str(res), "--out", str(out), "--format", "html", "--quiet"]) == 0
     page = out / "index.html"
     assert EVIL not in page.read_text()  # escaped at the source too
 
@@ -109,7 +109,7 @@ def test_html_is_self_contained(tmp_path):
     for s, a in enumerate([0.90, 0.91, 0.92]):
         write_record(res, opt="sgd", seed=s, metrics={"test_acc": a})
     out = tmp_path / "lb"
-    assert L.cli(["--results", str(res), "--out", str(out), "--format", "html", "--quiet"]) == 0
+    assert command.cli(["--results", str(res), "--out", str(out), "--format", "html", "--quiet"]) == 0
     text = (out / "index.html").read_text()
     assert 'src="data:image/png;base64,' in text and "http://" not in text and "https://" not in text
     assert "<span id='records'>3</span> records" in text and "harness leaderboard --results" in text

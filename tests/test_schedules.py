@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 
 from harness.config import CONF_DIR, list_choices
 from harness.errors import ConfigError
-from techniques.schedules import build_schedule, lr_multiplier
+from harness.techniques.schedules import build_schedule, lr_multiplier
 
 
 def mult(total=100, spe=10, **cfg):

@@ -11,10 +11,8 @@ from pathlib import Path
 import torch
 
 from harness.data.base import DataBundle, DeviceImageSplit, Split, split_off_validation
+from harness.data.registry import DATASETS
 from harness.errors import ConfigError
-from harness.registry import Registry
-
-DATASETS = Registry("dataset")
 
 
 def build_dataset(cfg, data_dir: str | Path, device: torch.device, seed: int) -> DataBundle:

@@ -12,8 +12,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from harness.data import DATASETS, download
+from harness.data import download
 from harness.data.base import DataBundle, DeviceImageSplit, split_off_validation
+from harness.data.registry import DATASETS
 from harness.errors import DataMissingError
 
 SPECS = {

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from harness.data import DATASETS
 from harness.data.base import DataBundle, DeviceImageSplit, split_off_validation
+from harness.data.registry import DATASETS
 
 
 def load_digits_tensors() -> tuple[torch.Tensor, torch.Tensor]:

@@ -27,8 +27,9 @@ from torchvision import transforms as T
 from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 from torchvision.transforms import functional as TF
 
-from harness.data import DATASETS, download
+from harness.data import download
 from harness.data.base import DataBundle, epoch_generator, split_off_validation
+from harness.data.registry import DATASETS
 from harness.errors import ConfigError, DataMissingError
 from harness.hooks import Batch
 

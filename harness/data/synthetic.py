@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from harness.data import DATASETS
 from harness.data.base import DataBundle, DeviceImageSplit
+from harness.data.registry import DATASETS
 from harness.errors import ConfigError
 
 

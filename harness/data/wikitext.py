@@ -25,8 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from harness.data import DATASETS, download
+from harness.data import download
 from harness.data.base import DataBundle
+from harness.data.registry import DATASETS
 from harness.data.tokens import TokenSplit, smallest_uint, unigram_model_perplexity, unigram_perplexity
 from harness.errors import ConfigError, DataMissingError
 

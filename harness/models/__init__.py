@@ -8,9 +8,7 @@ otherwise ``harness.models.flops.estimate_flops`` counts them with torch's FLOP 
 
 from __future__ import annotations
 
-from harness.registry import Registry
-
-MODELS = Registry("model")
+from harness.models.registry import MODELS
 
 
 def build_model(cfg, data):

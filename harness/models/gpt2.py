@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.errors import ConfigError
-from harness.models import MODELS
+from harness.models.registry import MODELS
 
 
 def layer_norm(dim: int, bias: bool = True) -> nn.Module:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torchvision.models import resnet as tv
 
-from harness.models import MODELS
+from harness.models.registry import MODELS
 
 _LAYOUTS = {
     "resnet18": (tv.BasicBlock, [2, 2, 2, 2]),

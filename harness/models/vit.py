@@ -17,7 +17,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from harness.errors import ConfigError
-from harness.models import MODELS
+from harness.models.registry import MODELS
 
 POOLS = ("token", "avg")
 

@@ -34,8 +34,8 @@ from torch import Tensor, nn
 
 from harness.errors import ConfigError
 from harness.hooks import RunContext, Technique
-from harness.metrics import classification_metrics, perplexity
-from techniques import register
+from harness.metrics.classification import classification_metrics, perplexity
+from harness.techniques.registry import register
 
 FP8_MIN_CAPABILITY = (8, 9)
 FP8_RECIPES = ("tensorwise", "rowwise")

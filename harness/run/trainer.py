@@ -11,104 +11,27 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from harness import distributed, preemption
-from harness.calibration_metrics import calibration_metrics
 from harness.errors import ConfigError
 from harness.hooks import Batch, RunContext, Technique, overrides, soft_cross_entropy
-from harness.metrics import classification_metrics, perplexity
+from harness.infra import distributed, preemption
+from harness.metrics.calibration import calibration_metrics
+from harness.metrics.classification import classification_metrics, perplexity
+from harness.run.checkpoint import CHECKPOINT_NAME, save_checkpoint
+from harness.run.precision import autocast_for, resolve_precision
+from harness.run.progress import Progress
 
 log = logging.getLogger("harness")
-
-CHECKPOINT_NAME = "checkpoint.pt"
-# the loop calls backward(create_graph=True) for optimizers that need Hessian-vector products
-# (SophiaH, AdaHessian); techniques.optimizers refuses them when this flag is missing
-SECOND_ORDER_BACKWARD = True
 
 
 class Diverged(RuntimeError):
     """The training loss became NaN or infinite."""
-
-
-def resolve_precision(name: str, device: torch.device) -> str:
-    if name == "auto":
-        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    return name
-
-
-def autocast_for(precision: str, device: torch.device):
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    if precision == "fp16":
-        return torch.autocast(device.type, dtype=torch.float16)
-    return nullcontext()
-
-
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Atomic: write to a temp file in the same directory, then rename over the old checkpoint."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    # weights_only: a checkpoint is tensors and plain Python values, never arbitrary pickles
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-class Progress:
-    """A rich progress bar on a terminal, plain log lines otherwise (CI, SLURM logs)."""
-
-    def __init__(self, mode: str, epochs: int, steps_per_epoch: int):
-        if mode == "auto":
-            mode = "bar" if sys.stdout.isatty() else "plain"
-        self.mode, self.epochs, self.spe = mode, epochs, steps_per_epoch
-        self.bar = None
-        if mode == "bar":
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self.bar = Progress(
-                TextColumn("epoch {task.fields[epoch]}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("loss {task.fields[loss]:.4f}  {task.fields[rate]:.0f} samples/s"),
-                TimeRemainingColumn(),
-                transient=False,
-            )
-            self.bar.start()
-            self.task = None
-
-    def start_epoch(self, epoch: int) -> None:
-        if self.bar is not None:
-            if self.task is not None:
-                self.bar.remove_task(self.task)
-            self.task = self.bar.add_task(
-                "", total=self.spe, epoch=f"{epoch + 1}/{self.epochs}", loss=float("nan"), rate=0.0
-            )
-
-    def update(self, epoch: int, step_in_epoch: int, loss: float, rate: float) -> None:
-        if self.bar is not None:
-            self.bar.update(self.task, completed=step_in_epoch, loss=loss, rate=rate)
-        elif self.mode == "plain":
-            log.info(
-                f"epoch {epoch + 1}/{self.epochs} step {step_in_epoch}/{self.spe} loss {loss:.4f} {rate:.0f} samples/s"
-            )
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
 
 
 class Trainer:

@@ -1,7 +1,7 @@
 """``harness plot reliability RUN_DIR``: reliability diagrams of one run before and after post-hoc calibration.
 
 Reads ``RUN_DIR/result.json`` (title, ECE values) and ``RUN_DIR/calibration_logits.pt`` (test logits before
-and after calibration and the labels, written by ``techniques.calibration``), and writes
+and after calibration and the labels, written by ``harness.techniques.calibration``), and writes
 ``RUN_DIR/reliability.png``: per stage, the accuracy of each equal-width confidence bin against the
 diagonal of perfect calibration, with the gap to the bin's mean confidence shaded (Guo et al. 2017,
 Figure 1), and the number of samples per bin underneath. A run without post-hoc calibration has no
@@ -18,10 +18,10 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-from harness.calibration_metrics import N_BINS, calibration_metrics, reliability_bins
 from harness.errors import ConfigError
+from harness.metrics.calibration import N_BINS, calibration_metrics, reliability_bins
 
-LOGITS_FILE = "calibration_logits.pt"  # same name as techniques.calibration.LOGITS_FILE
+LOGITS_FILE = "calibration_logits.pt"  # same name as harness.techniques.calibration.LOGITS_FILE
 
 
 def load_stages(run_dir: Path, n_bins: int) -> tuple[dict[str, dict[str, Any]], dict[str, float], dict[str, Any]]:

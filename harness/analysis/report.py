@@ -16,7 +16,7 @@ from typing import Any
 
 import pandas as pd
 
-from harness.leaderboard import ALPHA, Leaderboard, TaskBoard
+from harness.analysis.leaderboard import ALPHA, Leaderboard, TaskBoard
 from harness.records import atomic_write_text
 
 PERCENT = ("acc", "top1", "top5", "ece", "mce")  # fractions shown in percent
@@ -435,7 +435,7 @@ def write_all(
     rel: dict[str, dict[str, str]] = {}
     profile_png = None
     if plots:
-        from harness import plots as P
+        from harness.analysis import plots as P
 
         pdir = out / "plots"
         for b, done in zip(lb.boards, _task_plots_parallel(lb, pdir, cache)):
@@ -476,7 +476,7 @@ _JOB: tuple[Leaderboard, Path, bool] | None = None  # what forked plot workers i
 
 
 def _plot_one(i: int):
-    from harness import plots as P
+    from harness.analysis import plots as P
 
     lb, pdir, cache = _JOB
     return P.task_plots(lb.boards[i], pdir, cache)
@@ -495,7 +495,7 @@ def _task_plots_parallel(lb: Leaderboard, pdir: Path, cache: bool) -> list[dict]
                 return pool.map(_plot_one, range(n), chunksize=1)
         finally:
             _JOB = None
-    from harness import plots as P
+    from harness.analysis import plots as P
 
     return [P.task_plots(b, pdir, cache) for b in lb.boards]
 

@@ -1,4 +1,4 @@
-"""Layers and residual blocks used by the normalization techniques (``techniques.normalization``).
+"""Layers and residual blocks used by the normalization techniques (``harness.techniques.normalization``).
 
 Normalization layers: ScaleNorm (Nguyen & Salazar 2019), FixNorm (Nguyen & Chiang 2018), Batch
 Renormalization (Ioffe 2017). Residual blocks rebuilt from torchvision's ``BasicBlock``/``Bottleneck``

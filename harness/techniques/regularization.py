@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from harness.errors import ConfigError
 from harness.hooks import Batch, RunContext, Technique, soft_cross_entropy
-from techniques import register
+from harness.techniques.registry import register
 
 
 def _check_unknown(tech: Technique, hyperparams: dict[str, Any]) -> None:

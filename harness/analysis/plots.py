@@ -25,7 +25,7 @@ from matplotlib.ticker import MaxNLocator
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
 
-    from harness.leaderboard import Leaderboard, TaskBoard
+    from harness.analysis.leaderboard import Leaderboard, TaskBoard
 
 MAX_LINES = 6  # curves per plot: the baseline and the best configurations, more is unreadable
 RC = {"svg.fonttype": "none", "font.size": 8, "axes.titlesize": 9, "legend.fontsize": 7, "figure.dpi": 100}
@@ -92,7 +92,7 @@ def reliability_diagram(
     path: str | Path | None = None,
 ) -> Figure:
     """Reliability diagram: accuracy vs confidence per bin for each stage (e.g. ``{"before": bins, "after":
-    bins}`` with bins from ``harness.calibration_metrics.reliability_bins``: keys ``confidence``, ``accuracy``, ``count``, optional
+    bins}`` with bins from ``harness.metrics.calibration.reliability_bins``: keys ``confidence``, ``accuracy``, ``count``, optional
     ``edges``), the diagonal of perfect calibration, the ECE of each stage in the legend, and the bin counts
     (share of samples) as bars underneath. Draws into ``ax`` when given; writes ``path``.png/.svg when given."""
     fig = ax.figure if ax is not None else _fig(3.6, 3.4)

@@ -10,7 +10,7 @@ Design. Every calibrator is a ``Technique`` that acts in two hooks:
   ``ctx.data.val`` (carved from the training set, so fitting on test is impossible by construction),
   applies the map to ``ctx.data.test`` and returns ``{"metrics": {test_<metric>_after: ...}, "params":
   {...fitted parameters...}, "reliability": {"before": bins, "after": bins}}``. The loop merges the metrics
-  into ``record["metrics"]`` (the "before" values ``test_<metric>`` come from ``harness.calibration_metrics``
+  into ``record["metrics"]`` (the "before" values ``test_<metric>`` come from ``harness.metrics.calibration``
   for every classification run) and the params into ``record["techniques"][<name>]["params"]``. Test
   logits before and after are saved to ``<run_dir>/calibration_logits.pt`` for
   ``harness plot reliability RUN_DIR``.
@@ -18,7 +18,7 @@ Design. Every calibrator is a ``Technique`` that acts in two hooks:
 Calibrators work on (N, C) float32 tensors on the run's device and output calibrated *logits* (log-
 probabilities for the non-parametric ones), so every metric is computed the same way before and after.
 Train-time techniques that also improve calibration (label smoothing, PS-KD, focal, mixup, squentropy)
-live in the ``regularization=`` group (``techniques.regularization``), so a run can combine one of each.
+live in the ``regularization=`` group (``harness.techniques.regularization``), so a run can combine one of each.
 """
 
 from __future__ import annotations
@@ -31,10 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from harness.calibration_metrics import calibration_metrics, reliability_bins
 from harness.errors import ConfigError
 from harness.hooks import RunContext, Technique
-from techniques import register
+from harness.metrics.calibration import calibration_metrics, reliability_bins
+from harness.techniques.registry import register
 
 LOGITS_FILE = "calibration_logits.pt"
 

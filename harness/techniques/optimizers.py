@@ -243,29 +243,13 @@ def is_second_order(cls: type, spec: dict[str, Any]) -> bool:
     return bool(spec.get("second_order")) or "hessian" in inspect.signature(cls.step).parameters
 
 
-def loop_supports_second_order() -> bool:
-    import harness.train
-
-    return bool(getattr(harness.train, "SECOND_ORDER_BACKWARD", False))
-
-
 def check_optimizer(cfg: DictConfig) -> None:
     """The checks that need no model (class, lr scaling rule, lookahead, second order), so a bad optimizer
     config fails before data is loaded. Raises ConfigError."""
     spec = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
-    cls = optimizer_class(spec)
+    optimizer_class(spec)
     scaled_lr(1.0, spec.get("lr_scaling", "none"), 1, 1)
     lookahead_options(spec.get("lookahead"))
-    if is_second_order(cls, spec) and not loop_supports_second_order():
-        raise ConfigError(second_order_message(spec, cls))
-
-
-def second_order_message(spec: dict[str, Any], cls: type) -> str:
-    return (
-        f"optimizer {spec.get('name') or cls.__name__} needs second-order information "
-        "(loss.backward(create_graph=True) for its Hutchinson Hessian estimate), which this training loop "
-        "does not provide; choose a first-order optimizer"
-    )
 
 
 def build_optimizer(cfg: DictConfig, model: nn.Module, *, batch_size: int, total_steps: int) -> torch.optim.Optimizer:
@@ -297,8 +281,6 @@ def build_optimizer(cfg: DictConfig, model: nn.Module, *, batch_size: int, total
         if "warmup_steps" not in params_sig:
             raise ConfigError(f"optimizer.warmup_fraction is set but {cls.__name__} takes no warmup_steps")
         opts["warmup_steps"] = int(round(float(spec["warmup_fraction"]) * total_steps))
-    if is_second_order(cls, spec) and not loop_supports_second_order():
-        raise ConfigError(second_order_message(spec, cls))
     wd = opts.pop("weight_decay", None)
     try:
         if cls is MuonWithAdamW:

@@ -15,8 +15,8 @@ from torch import Tensor, nn
 
 from harness.errors import ConfigError
 from harness.hooks import RunContext, Technique
-from techniques import register
-from techniques.optimizers import final_layer
+from harness.techniques.optimizers import final_layer
+from harness.techniques.registry import register
 
 
 def _grads(model: nn.Module) -> list[Tensor]:

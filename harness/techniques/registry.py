@@ -3,8 +3,8 @@
 A technique YAML in ``conf/<group>/<choice>.yaml`` names its class with ``name:`` and lists its
 hyper-parameters; ``build_techniques`` turns the run config into ``Technique`` objects, in the order
 their hooks must run (normalization is swapped before QAT wraps layers; clipping follows the loss).
-Optimizers and schedules are plain torch.optim objects built in ``techniques.optimizers`` /
-``techniques.schedules``.
+Optimizers and schedules are plain torch.optim objects built in ``harness.techniques.optimizers`` /
+``harness.techniques.schedules``.
 """
 
 from __future__ import annotations
@@ -38,9 +38,9 @@ def register(group: str, name: str, description: str = "", paper: str = ""):
 def load_families() -> None:
     for family in _FAMILIES:
         try:
-            importlib.import_module(f"techniques.{family}")
+            importlib.import_module(f"harness.techniques.{family}")
         except ModuleNotFoundError as e:
-            if e.name != f"techniques.{family}":
+            if e.name != f"harness.techniques.{family}":
                 raise
 
 

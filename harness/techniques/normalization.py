@@ -4,7 +4,7 @@ Design. Each choice is a ``Technique`` acting in ``prepare_model``: it finds the
 layers by type (``nn.BatchNorm2d`` in CNNs, ``nn.LayerNorm`` in ViT / GPT-2), so it works on every
 model of a family, and swaps them in place. Choices that change the residual structure (Fixup,
 SkipInit, NF-ResNet) rebuild torchvision's ``BasicBlock``/``Bottleneck`` blocks
-(``techniques.norm_layers``); post-LN re-orders the transformer blocks. The model family comes from
+(``harness.techniques.norm_layers``); post-LN re-orders the transformer blocks. The model family comes from
 ``model.family`` (``cnn``; ``vit`` / ``transformer`` are transformers) or, when absent, from the
 layer types. A choice that does not apply to the model raises ``ConfigError`` naming the valid
 choices for it; the record's ``techniques`` entry holds the kind and the number of layers replaced.
@@ -30,8 +30,7 @@ from torch.nn.utils.parametrizations import weight_norm
 
 from harness.errors import ConfigError
 from harness.hooks import RunContext, Technique
-from techniques import register
-from techniques.norm_layers import (
+from harness.techniques.norm_layers import (
     RESIDUAL_BLOCKS,
     BatchRenorm2d,
     ChannelBias,
@@ -46,6 +45,7 @@ from techniques.norm_layers import (
     ScaleNorm,
     scaled_std_conv,
 )
+from harness.techniques.registry import register
 
 CNN_CHOICES = (
     "batchnorm",

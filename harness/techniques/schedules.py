@@ -176,7 +176,7 @@ def lr_multiplier(cfg: DictConfig, total_steps: int, steps_per_epoch: int) -> Mu
 
 
 def build_schedule(cfg: DictConfig, optimizer: torch.optim.Optimizer, total_steps: int, steps_per_epoch: int):
-    from techniques.optimizers import is_schedule_free
+    from harness.techniques.optimizers import is_schedule_free
 
     if is_schedule_free(optimizer) and cfg.name not in ("constant", "inverse_sqrt"):
         log.warning(

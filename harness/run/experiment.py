@@ -20,12 +20,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from harness import config as hconfig
-from harness import distributed, preemption
 from harness.data import build_dataset
+from harness.data.sharding import shard_data
 from harness.errors import ConfigError, DataMissingError
-from harness.hardware import add_mfu
 from harness.hooks import RunContext
-from harness.loggers import make_logger
+from harness.infra import distributed, preemption
+from harness.infra.hardware import add_mfu
+from harness.infra.loggers import make_logger
 from harness.models import build_model
 from harness.models.flops import count_params, training_flops_per_sample
 from harness.records import (
@@ -38,11 +39,12 @@ from harness.records import (
     versions,
     write_record,
 )
-from harness.train import CHECKPOINT_NAME, Diverged, Trainer, load_checkpoint
-from techniques import build_techniques
-from techniques.optimizers import build_optimizer, check_optimizer
-from techniques.quantization import optimizer_state_bytes
-from techniques.schedules import build_schedule
+from harness.run.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from harness.run.trainer import Diverged, Trainer
+from harness.techniques.optimizers import build_optimizer, check_optimizer
+from harness.techniques.quantization import optimizer_state_bytes
+from harness.techniques.registry import build_techniques
+from harness.techniques.schedules import build_schedule
 
 log = logging.getLogger("harness")
 
@@ -160,7 +162,7 @@ def execute(
         techniques = build_techniques(cfg)
         check_optimizer(cfg.optimizer)
         data = build_dataset(cfg.dataset, cfg.data_dir, device, int(cfg.seed))
-        data = distributed.shard_data(data)  # torchrun: this rank's shard of the training split
+        data = shard_data(data)  # torchrun: this rank's shard of the training split
     except (ConfigError, DataMissingError):
         remove_if_unused(run_dir)
         raise

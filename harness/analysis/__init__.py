@@ -1,0 +1,1 @@
+"""Reading records, statistics, leaderboards, report writers (md/csv/html) and plots."""

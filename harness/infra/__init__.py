@@ -1,0 +1,1 @@
+"""Infrastructure: distributed (torchrun), preemption, launchers, hardware, loggers."""

@@ -1,0 +1,1 @@
+"""Metrics: classification (accuracy, loss, perplexity) and calibration (ECE & co.)."""

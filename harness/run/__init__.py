@@ -1,0 +1,1 @@
+"""Assembling and training one run: the experiment orchestrator, the trainer loop, checkpoints, precision."""
