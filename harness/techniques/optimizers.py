@@ -1,19 +1,25 @@
 """Optimizers: any ``torch.optim.Optimizer`` class reached through ``_target_`` in
-``conf/optimizer/<name>.yaml`` (torch.optim, timm.optim, pytorch-optimizer), built by ``build_optimizer``.
+``conf/optimizer/<name>.yaml`` (torch.optim, timm.optim, pytorch-optimizer, torchao), built by
+``build_optimizer`` with ``hydra.utils.instantiate(..., _partial_=True)`` and called with the model's
+parameter groups (and the run's total steps where the YAML asks for them).
 
-Adding an optimizer a library already has is one YAML file. ``optimizer=registry optimizer.name=<name>``
-reaches every optimizer pytorch-optimizer registers without a YAML of its own. The keys in
-``HARNESS_KEYS`` configure the harness and are not passed to the optimizer class:
+Adding an optimizer a library already has is one YAML file: ``_target_``, the paper's
+hyper-parameters, ``name``/``description``/``paper``/``source``. ``optimizer=registry
+optimizer.name=<name>`` reaches every optimizer pytorch-optimizer registers without a YAML of its own.
+The harness's keys (``harness.schemas.OptimizerConfig``, with their defaults) are not passed to the class:
 
 - ``lr_scaling`` (none | linear | sqrt) and ``base_batch_size``: batch-size learning-rate rule;
-- ``decay_all``: also decay biases and normalization gains;
+- ``decay_all``: also decay biases, normalization gains and a model's ``no_weight_decay()`` parameters;
 - ``lookahead``: null, true, or ``{k: 5, alpha: 0.5}`` wraps the optimizer in Lookahead (Zhang et al. 2019);
 - ``total_steps_key``: the constructor argument that receives the run's total optimizer steps
-  (Ranger21's ``num_iterations``; filled automatically when the class requires it);
+  (Ranger21's ``num_iterations``);
 - ``warmup_fraction``: fraction of the total steps passed as ``warmup_steps`` (schedule-free optimizers);
-- ``second_order``: the optimizer needs ``loss.backward(create_graph=True)`` (SophiaH, AdaHessian).
+- ``second_order``: the optimizer needs ``loss.backward(create_graph=True)`` (SophiaH, AdaHessian);
+- ``takes_model``: the class takes the model, not parameter groups (``MuonWithAdamW``).
 
-``lr`` or ``weight_decay`` set to null means "the optimizer class's own default".
+``lr`` or ``weight_decay`` set to null means "the optimizer class's own default". ``check_optimizer``
+builds the optimizer on a dummy model before any data loads, so a hyper-parameter the class refuses
+(``momentum=-1``, ``betas=[2, 3]``) is a ConfigError, not a failed run.
 """
 
 from __future__ import annotations
@@ -24,34 +30,29 @@ import math
 from typing import Any
 
 import torch
-from hydra.utils import get_class
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
+from timm.optim import param_groups_weight_decay
 from torch import nn
 
+from harness import build
 from harness.errors import ConfigError
 from harness.registry import unknown_choice_message
 
 log = logging.getLogger("harness")
 
-# keys of an optimizer YAML that configure the harness, not the optimizer class
-HARNESS_KEYS = (
-    "name",
-    "source",
-    "paper",
-    "description",
-    "decay_all",
-    "lr_scaling",
-    "base_batch_size",
-    "lookahead",
-    "needs_total_steps",
-    "total_steps_key",
-    "warmup_fraction",
-    "schedule_free",
-    "second_order",
-)
-# constructor arguments that mean "the total number of optimizer steps of the run"
-TOTAL_STEPS_ARGS = ("num_iterations", "total_steps", "num_training_steps")
 LOOKAHEAD_DEFAULTS = {"k": 5, "alpha": 0.5, "pullback_momentum": "none"}
+# valid ranges of hyper-parameters many optimizers share, checked before the constructor sees them
+# (its own message may not name the range): key -> (low, high, high_inclusive)
+RANGES = {
+    "lr": (0.0, math.inf, False),
+    "weight_decay": (0.0, math.inf, False),
+    "momentum": (0.0, 1.0, False),
+    "dampening": (0.0, 1.0, True),
+    "betas": (0.0, 1.0, False),
+    "adamw_lr": (0.0, math.inf, False),
+    "adamw_betas": (0.0, 1.0, False),
+    "adamw_weight_decay": (0.0, math.inf, False),
+}
 
 
 def final_layer(model: nn.Module) -> nn.Module | None:
@@ -66,19 +67,22 @@ def final_layer(model: nn.Module) -> nn.Module | None:
     return linears[-1] if linears else None
 
 
-def param_groups(model: nn.Module, weight_decay: float, decay_all: bool) -> list[dict[str, Any]]:
-    """Two groups: weights that are decayed and biases / normalization gains that are not
-    (decaying scale parameters of normalization layers only shrinks them; common practice since
-    Goyal et al. 2017). Parameters a model names in timm's ``no_weight_decay()`` (a ViT's position
-    embedding and class token) are not decayed either. ``decay_all`` puts everything in the decayed group."""
-    skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
-    excluded = {id(p) for n, p in model.named_parameters() if n in skip}
-    decay, no_decay = [], []
-    for p in _unique_trainable(model):
-        (decay if decay_all or (p.ndim >= 2 and id(p) not in excluded) else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
+def param_groups(model: nn.Module, weight_decay: float | None, decay_all: bool) -> list[dict[str, Any]]:
+    """``timm.optim.param_groups_weight_decay``: weights are decayed; biases, normalization gains
+    (every parameter with ndim <= 1; decaying them only shrinks scales, Goyal et al. 2017) and the
+    parameters a model names in ``no_weight_decay()`` (a ViT's position embedding and class token)
+    are not. ``decay_all`` puts everything in one decayed group. ``weight_decay=None`` leaves the
+    decayed group without a ``weight_decay`` key, so the optimizer class's own default applies."""
+    trainable = [p for p in model.parameters() if p.requires_grad]  # .parameters() dedups tied weights
+    if decay_all:
+        return [{"params": trainable, **({} if weight_decay is None else {"weight_decay": weight_decay})}]
+    skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()
+    # placeholder 1.0 when the class default applies (timm puts everything in the undecayed group for 0/None)
+    groups = param_groups_weight_decay(model, 1.0 if weight_decay is None else weight_decay, no_weight_decay_list=skip)
+    if weight_decay is None:  # drop the placeholder from the decayed group (the undecayed one has 0.0)
+        for g in groups:
+            if g["weight_decay"]:
+                del g["weight_decay"]
     return groups
 
 
@@ -86,17 +90,21 @@ def _unique_trainable(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]  # .parameters() already dedups tied weights
 
 
-def scaled_lr(lr: float, rule: str, batch_size: int, base_batch_size: int) -> float:
+def lr_factor(rule: str, batch_size: int, base_batch_size: int) -> float:
     """Batch-size learning-rate scaling: linear (Goyal et al. 2017) or square root
     (Krizhevsky 2014; Granziol et al. 2022 for adaptive methods)."""
     if rule in (None, "none"):
-        return lr
+        return 1.0
     ratio = batch_size / base_batch_size
     if rule == "linear":
-        return lr * ratio
+        return ratio
     if rule == "sqrt":
-        return lr * math.sqrt(ratio)
+        return math.sqrt(ratio)
     raise ConfigError(f"optimizer.lr_scaling={rule!r}; valid choices: none, linear, sqrt")
+
+
+def scaled_lr(lr: float, rule: str, batch_size: int, base_batch_size: int) -> float:
+    return lr * lr_factor(rule, batch_size, base_batch_size)
 
 
 # ----------------------------------------------------------------------------- Muon
@@ -216,6 +224,11 @@ def lookahead_options(value: Any) -> dict[str, Any] | None:
 
 
 # ----------------------------------------------------------------------------- building
+def by_name(params, *, optimizer: str, **kwargs) -> torch.optim.Optimizer:
+    """``conf/optimizer/registry.yaml``'s target: the pytorch-optimizer optimizer called ``optimizer``."""
+    return pytorch_optimizer_class(optimizer)(params, **kwargs)
+
+
 def pytorch_optimizer_class(name: str) -> type:
     import pytorch_optimizer
 
@@ -225,88 +238,92 @@ def pytorch_optimizer_class(name: str) -> type:
     return pytorch_optimizer.load_optimizer(str(name).lower())
 
 
-def optimizer_class(spec: dict[str, Any]) -> type:
-    target = spec.get("_target_")
-    if target is None:  # conf/optimizer/registry.yaml: a pytorch-optimizer name
-        if not spec.get("name"):
-            raise ConfigError("optimizer config needs _target_ (a class) or name (a pytorch-optimizer optimizer)")
-        return pytorch_optimizer_class(spec["name"])
-    try:
-        return get_class(target)
-    except Exception as e:  # noqa: BLE001  (hydra wraps import errors in several types)
-        raise ConfigError(f"optimizer._target_={target!r} cannot be imported: {e}") from e
+def check_ranges(params: dict[str, Any]) -> None:
+    """Refuse non-finite learning rates and out-of-range shared hyper-parameters, naming the range."""
+    for key, (lo, hi, hi_incl) in RANGES.items():
+        value = params.get(key)
+        if value is None:
+            continue
+        values = value if isinstance(value, list | tuple) else [value]
+        for v in values:
+            ok = isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v >= lo
+            ok = ok and (v <= hi if hi_incl else v < hi)
+            if not ok:
+                span = f"[{lo:g}, {hi:g}{']' if hi_incl else ')'}"
+                what = "each value" if isinstance(value, list | tuple) else "a finite number"
+                raise ConfigError(f"optimizer.{key}={value!r} is invalid: {what} must be in {span}")
 
 
-def is_second_order(cls: type, spec: dict[str, Any]) -> bool:
+def lookahead_options(value: Any) -> dict[str, Any] | None:
+    if value in (None, False, "none", "null"):
+        return None
+    if value is True:
+        return dict(LOOKAHEAD_DEFAULTS)
+    if not isinstance(value, dict):
+        raise ConfigError(f"optimizer.lookahead={value!r}: use null, true or {{k: 5, alpha: 0.5}}")
+    unknown = set(value) - set(LOOKAHEAD_DEFAULTS)
+    if unknown:
+        raise ConfigError(
+            f"optimizer.lookahead has unknown keys {sorted(unknown)}; valid: {sorted(LOOKAHEAD_DEFAULTS)}"
+        )
+    opts = {**LOOKAHEAD_DEFAULTS, **value}
+    if not (isinstance(opts["k"], int) and opts["k"] >= 1) or not (0.0 < float(opts["alpha"]) <= 1.0):
+        raise ConfigError(
+            f"optimizer.lookahead k={opts['k']!r} must be an integer >= 1 and alpha={opts['alpha']!r} in (0, 1]"
+        )
+    return opts
+
+
+def is_second_order(opt: torch.optim.Optimizer, declared: bool) -> bool:
     """SophiaH / AdaHessian estimate the Hessian diagonal with Hutchinson's trick, which needs the
-    backward graph of the gradients (``loss.backward(create_graph=True)``)."""
-    return bool(spec.get("second_order")) or "hessian" in inspect.signature(cls.step).parameters
+    backward graph of the gradients (``loss.backward(create_graph=True)``): declared in the YAML, or
+    recognised by a ``hessian`` argument of ``step`` (an optimizer reached through the registry)."""
+    return declared or "hessian" in inspect.signature(opt.step).parameters
+
+
+def _dummy_model() -> nn.Module:
+    """Big enough for every parameter split: a hidden matrix (Muon), a head, biases."""
+    return nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
 
 
 def check_optimizer(cfg: DictConfig) -> None:
-    """The checks that need no model (class, lr scaling rule, lookahead, second order), so a bad optimizer
-    config fails before data is loaded. Raises ConfigError."""
-    spec = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
-    optimizer_class(spec)
-    scaled_lr(1.0, spec.get("lr_scaling", "none"), 1, 1)
-    lookahead_options(spec.get("lookahead"))
+    """Build the optimizer on a dummy model, so a bad optimizer config (unknown class or key, a value
+    out of range, a bad Lookahead or lr_scaling) fails before data is loaded. Raises ConfigError."""
+    spec = build.spec_of("optimizer", cfg)
+    harness, _ = build.split("optimizer", spec)
+    build_optimizer(spec, _dummy_model(), batch_size=int(harness.base_batch_size), total_steps=1000)
 
 
 def build_optimizer(cfg: DictConfig, model: nn.Module, *, batch_size: int, total_steps: int) -> torch.optim.Optimizer:
-    spec = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
-    cls = optimizer_class(spec)
-    opts = {k: v for k, v in spec.items() if k not in HARNESS_KEYS and k != "_target_"}
-    params_sig = inspect.signature(cls.__init__).parameters
-    for key in ("lr", "weight_decay"):
-        if key in opts and opts[key] is None:  # null: the class's own default
-            opts.pop(key)
-        elif key in opts and (isinstance(opts[key], bool) or not isinstance(opts[key], int | float) or opts[key] < 0):
-            raise ConfigError(f"optimizer.{key}={opts[key]!r} must be a non-negative number")
-    rule = spec.get("lr_scaling", "none")
-    base_bs = int(spec.get("base_batch_size") or batch_size)
-    for key in ("lr", "adamw_lr"):
-        lr = opts.get(key, _default(params_sig, key))
-        if isinstance(lr, int | float) and not isinstance(lr, bool):
-            scaled = scaled_lr(float(lr), rule, batch_size, base_bs)
-            if key in opts or scaled != lr:
-                opts[key] = scaled
-        elif rule not in (None, "none") and key == "lr":
-            raise ConfigError(f"optimizer.lr_scaling={rule!r} needs a numeric lr; {cls.__name__} has none")
-    opts = {k: tuple(v) if isinstance(v, list) else v for k, v in opts.items()}  # YAML lists: betas, eps pairs
-    # the run's total steps, for optimizers with a built-in schedule (Ranger21) or warmup
-    steps_key = spec.get("total_steps_key") or next((k for k in TOTAL_STEPS_ARGS if k in params_sig), None)
-    if steps_key and (spec.get("needs_total_steps") or steps_key in params_sig) and opts.get(steps_key) is None:
-        opts[steps_key] = int(total_steps)
-    if spec.get("warmup_fraction") is not None:
-        if "warmup_steps" not in params_sig:
-            raise ConfigError(f"optimizer.warmup_fraction is set but {cls.__name__} takes no warmup_steps")
-        opts["warmup_steps"] = int(round(float(spec["warmup_fraction"]) * total_steps))
-    wd = opts.pop("weight_decay", None)
-    try:
-        if cls is MuonWithAdamW:
-            opt = cls(model, **opts, **({} if wd is None else {"weight_decay": wd}))
-        else:
-            groups = param_groups(
-                model,
-                float(_default(params_sig, "weight_decay", 0.0) if wd is None else wd),
-                bool(spec.get("decay_all", False)),
-            )
-            if wd is None and "weight_decay" not in params_sig:
-                groups = [{"params": [p for g in groups for p in g["params"]]}]
-            opt = cls(groups, **opts)
-    except TypeError as e:
-        raise ConfigError(f"bad hyper-parameters for optimizer {spec.get('name') or cls.__name__}: {e}") from e
-    opt.second_order = is_second_order(cls, spec)
-    la = lookahead_options(spec.get("lookahead"))
-    if la is not None:
-        opt = _lookahead_class()(opt, **la)
-        opt.second_order = getattr(opt.optimizer, "second_order", False)
+    spec = build.spec_of("optimizer", cfg)
+    h, params = build.split("optimizer", spec)
+    label = h.name or str(params.get("_target_"))
+    params = {k: v for k, v in params.items() if not (k in ("lr", "weight_decay") and v is None)}  # null: class default
+    check_ranges(params)
+    factor = lr_factor(h.lr_scaling, batch_size, int(h.base_batch_size))
+    lookahead = lookahead_options(spec.get("lookahead"))
+    factory = build.instantiate("optimizer", params, label, partial=True)
+    runtime: dict[str, Any] = {}
+    if h.total_steps_key:  # optimizers with a built-in schedule (Ranger21) or warmup
+        runtime[h.total_steps_key] = int(total_steps)
+    if h.warmup_fraction is not None:
+        runtime["warmup_steps"] = int(round(float(h.warmup_fraction) * total_steps))
+    if h.takes_model:
+        first = model
+    else:
+        first = param_groups(model, params.get("weight_decay"), bool(h.decay_all))
+        if "weight_decay" in factory.keywords:
+            factory.keywords.pop("weight_decay")  # carried by the groups: biases and gains get 0
+    opt = build.call("optimizer", label, factory, first, refuse=(TypeError, ValueError), **runtime)
+    if factor != 1.0:  # after construction, so lr=null (the class default) scales too
+        for g in opt.param_groups:
+            g["lr"] = g["lr"] * factor
+    opt.second_order = is_second_order(opt, bool(h.second_order))
+    if lookahead is not None:
+        inner = opt
+        opt = _lookahead_class()(inner, **lookahead)
+        opt.second_order = inner.second_order
     return opt
-
-
-def _default(sig_params, key: str, fallback: Any = None) -> Any:
-    p = sig_params.get(key)
-    return p.default if p is not None and p.default is not inspect.Parameter.empty else fallback
 
 
 def is_schedule_free(optimizer: torch.optim.Optimizer) -> bool:
