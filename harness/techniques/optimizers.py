@@ -203,26 +203,6 @@ def _lookahead_class():
     return Lookahead
 
 
-def lookahead_options(value: Any) -> dict[str, Any] | None:
-    if value in (None, False, "none", "null"):
-        return None
-    if value is True:
-        return dict(LOOKAHEAD_DEFAULTS)
-    if not isinstance(value, dict):
-        raise ConfigError(f"optimizer.lookahead={value!r}: use null, true or {{k: 5, alpha: 0.5}}")
-    unknown = set(value) - set(LOOKAHEAD_DEFAULTS)
-    if unknown:
-        raise ConfigError(
-            f"optimizer.lookahead has unknown keys {sorted(unknown)}; valid: {sorted(LOOKAHEAD_DEFAULTS)}"
-        )
-    opts = {**LOOKAHEAD_DEFAULTS, **value}
-    if not (isinstance(opts["k"], int) and opts["k"] >= 1) or not (0.0 < float(opts["alpha"]) <= 1.0):
-        raise ConfigError(
-            f"optimizer.lookahead k={opts['k']!r} must be an integer >= 1 and alpha={opts['alpha']!r} in (0, 1]"
-        )
-    return opts
-
-
 # ----------------------------------------------------------------------------- building
 def by_name(params, *, optimizer: str, **kwargs) -> torch.optim.Optimizer:
     """``conf/optimizer/registry.yaml``'s target: the pytorch-optimizer optimizer called ``optimizer``."""
