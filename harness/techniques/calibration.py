@@ -34,7 +34,6 @@ from torch import Tensor, nn
 from harness.errors import ConfigError
 from harness.hooks import RunContext, Technique
 from harness.metrics.calibration import calibration_metrics, reliability_bins
-from harness.techniques.registry import register
 
 LOGITS_FILE = "calibration_logits.pt"
 
@@ -120,9 +119,6 @@ class PostHocCalibrator(Technique):
         return {"fit_split": "val", "fit_samples": self.fit_samples}
 
 
-@register(
-    "calibration", "temperature", "Temperature scaling", "Guo et al. 2017, On Calibration of Modern Neural Networks"
-)
 class TemperatureScaling(PostHocCalibrator):
     """softmax(z / T) with one scalar T > 0 minimising validation NLL (LBFGS on log T, so T stays positive).
     Dividing by T > 0 keeps the argmax, hence accuracy, unchanged. Guo et al. 2017."""
@@ -150,7 +146,6 @@ class TemperatureScaling(PostHocCalibrator):
         return {"temperature": self.temperature}
 
 
-@register("calibration", "vector", "Vector scaling", "Guo et al. 2017, On Calibration of Modern Neural Networks")
 class VectorScaling(PostHocCalibrator):
     """z * w + b with per-class scale w and bias b (initialised to identity) minimising validation NLL.
     Guo et al. 2017, section 4.2. Unlike temperature scaling it may change the argmax."""
@@ -177,13 +172,6 @@ class VectorScaling(PostHocCalibrator):
         return {"scale": self.w.tolist(), "bias": self.b.tolist()}
 
 
-@register(
-    "calibration",
-    "matrix",
-    "Matrix scaling with off-diagonal and intercept regularisation (MS-ODIR)",
-    "Guo et al. 2017, On Calibration of Modern Neural Networks; Kull et al. 2019, Beyond temperature scaling: "
-    "Obtaining well-calibrated multiclass probabilities with Dirichlet calibration",
-)
 class MatrixScaling(PostHocCalibrator):
     """z W^T + b with a full (C, C) matrix W (initialised to I) and bias b.
 
@@ -283,13 +271,6 @@ def _renormalise(p: Tensor, eps: float) -> Tensor:
     return (p / p.sum(-1, keepdim=True)).log()
 
 
-@register(
-    "calibration",
-    "isotonic",
-    "Isotonic regression, one-vs-rest",
-    "Zadrozny & Elkan 2002, Transforming classifier scores into accurate multiclass probability estimates; "
-    "Guo et al. 2017",
-)
 class IsotonicCalibration(PostHocCalibrator):
     """A non-decreasing piecewise-constant map per class (scikit-learn ``IsotonicRegression``) from p_k to
     P(y = k), fitted one-vs-rest on validation softmax outputs and renormalised at test time, the multiclass
@@ -324,13 +305,6 @@ class IsotonicCalibration(PostHocCalibrator):
         }
 
 
-@register(
-    "calibration",
-    "histogram",
-    "Histogram binning, one-vs-rest",
-    "Zadrozny & Elkan 2001, Obtaining calibrated probability estimates from decision trees and naive Bayesian "
-    "classifiers; Guo et al. 2017",
-)
 class HistogramBinning(PostHocCalibrator):
     """Equal-width bins over p_k per class; each bin predicts the validation frequency of class k among the
     samples that fell in it (an empty bin keeps its centre). One-vs-rest, renormalised (Guo et al. 2017).

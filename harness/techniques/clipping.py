@@ -1,9 +1,14 @@
 """Gradient clipping (``clip=`` group): an ``after_backward`` hook that runs after fp16 gradients are
 unscaled and before the optimizer step.
 
+The clipping itself is the libraries': ``torch.nn.utils.clip_grad_norm_`` (norm),
+``clip_grad_value_`` (value), ``clip_grads_with_norm_`` (AutoClip's percentile threshold) and
+``timm.utils.adaptive_clip_grad`` (AGC); ZClip has no maintained implementation and is written here.
+Around them the harness keeps its statistics (fraction of steps clipped, mean pre-clip norm).
+
 No host synchronisation in the step: the norm, the threshold and the clip decision stay device
-tensors (a clip factor ``min(1, threshold / norm)`` is multiplied in unconditionally) and the
-statistics for the record are accumulated on the device and read once by ``summary``.
+tensors (torch's clip multiplies by ``min(1, threshold / norm)`` unconditionally) and the statistics
+for the record are accumulated on the device and read once by ``summary``.
 """
 
 from __future__ import annotations
@@ -11,23 +16,28 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from timm.utils.agc import adaptive_clip_grad, unitwise_norm
 from torch import Tensor, nn
+from torch.nn.utils import clip_grad_norm_, clip_grad_value_, clip_grads_with_norm_, get_total_norm
 
 from harness.errors import ConfigError
 from harness.hooks import RunContext, Technique
 from harness.techniques.optimizers import final_layer
-from harness.techniques.registry import register
 
 
 def _grads(model: nn.Module) -> list[Tensor]:
     return [p.grad for p in model.parameters() if p.grad is not None]
 
 
+def _with_grads(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.grad is not None]
+
+
 def global_norm(grads: list[Tensor]) -> Tensor:
-    """L2 norm of all gradients together, in float32."""
+    """L2 norm of all gradients together (``torch.nn.utils.get_total_norm``), a device tensor."""
     if not grads:
         return torch.zeros(())
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+    return get_total_norm(grads, 2.0)
 
 
 def scale_(grads: list[Tensor], factor: Tensor) -> None:
@@ -68,12 +78,6 @@ class _Clip(Technique):
             self.steps, self._clipped, self._norm_sum = state["steps"], state["clipped"], state["norm_sum"]
 
 
-@register(
-    "clip",
-    "norm",
-    "clip the global L2 gradient norm to max_norm",
-    "Pascanu et al. 2013, On the difficulty of training RNNs",
-)
 class NormClip(_Clip):
     name = "clip_norm"
 
@@ -84,17 +88,13 @@ class NormClip(_Clip):
         self.max_norm = float(max_norm)
 
     def after_backward(self, model: nn.Module, ctx: RunContext) -> None:
-        grads = _grads(model)
-        if not grads:
+        params = _with_grads(model)
+        if not params:
             return
-        norm = global_norm(grads)
-        scale_(grads, torch.clamp(self.max_norm / (norm + 1e-6), max=1.0))
+        norm = clip_grad_norm_(params, self.max_norm)  # returns the pre-clip total norm, on the device
         self._record(norm, norm > self.max_norm)
 
 
-@register(
-    "clip", "value", "clip every gradient element to [-clip_value, clip_value]", "Mikolov 2012; torch clip_grad_value_"
-)
 class ValueClip(_Clip):
     name = "clip_value"
 
@@ -105,22 +105,16 @@ class ValueClip(_Clip):
         self.clip_value = float(clip_value)
 
     def after_backward(self, model: nn.Module, ctx: RunContext) -> None:
-        grads = _grads(model)
-        if not grads:
+        params = _with_grads(model)
+        if not params:
             return
+        grads = [p.grad for p in params]
         norm = global_norm(grads)
-        peak = torch.stack([g.detach().abs().max().float() for g in grads]).max()
-        torch._foreach_clamp_min_(grads, -self.clip_value)
-        torch._foreach_clamp_max_(grads, self.clip_value)
+        peak = get_total_norm(grads, float("inf"))  # the largest |g|, before clipping
+        clip_grad_value_(params, self.clip_value)
         self._record(norm, peak > self.clip_value)
 
 
-@register(
-    "clip",
-    "autoclip",
-    "clip to the p-th percentile of all gradient norms seen so far",
-    "Seetharaman et al. 2020, AutoClip",
-)
 class AutoClip(_Clip):
     """AutoClip: the threshold at step t is the ``percentile``-th percentile of the global gradient
     norms of steps 1..t (the current one included, as in the reference implementation). The history
@@ -157,7 +151,7 @@ class AutoClip(_Clip):
         hist[self.count] = torch.where(torch.isfinite(norm), norm, torch.full_like(norm, float("nan")))
         self.count += 1
         self.threshold = torch.nanquantile(hist[: self.count], self.percentile / 100.0)
-        scale_(grads, torch.clamp(self.threshold / (norm + 1e-6), max=1.0))
+        clip_grads_with_norm_(_with_grads(model), self.threshold, norm)
         self._record(norm, norm > self.threshold)
 
     def summary(self) -> dict[str, Any]:
@@ -176,17 +170,13 @@ class AutoClip(_Clip):
             self.count, self.history = state["count"], state["history"]
 
 
-@register(
-    "clip",
-    "agc",
-    "adaptive unit-wise clipping: |G_i|/|W_i| <= clip_factor (final layer excluded)",
-    "Brock et al. 2021, NFNets",
-)
 class AGC(_Clip):
-    """Adaptive gradient clipping (Brock et al. 2021): for every unit i (an output row of a weight),
-    if ||G_i|| / max(||W_i||, eps) > clip_factor, rescale G_i to clip_factor * max(||W_i||, eps).
-    Same rule as ``timm.utils.adaptive_clip_grad``; the final classifier layer is not clipped (paper)
-    and the statistic recorded is the fraction of steps in which any unit was clipped."""
+    """Adaptive gradient clipping (Brock et al. 2021): for every unit i (an output row of a weight;
+    a whole bias or gain vector, as in the official NFNets code), if ||G_i|| / max(||W_i||, eps) >
+    clip_factor, rescale G_i to clip_factor * max(||W_i||, eps). The clipping is
+    ``timm.utils.adaptive_clip_grad``; the final classifier layer is not clipped (paper). The statistic
+    recorded is the fraction of steps in which any unit was clipped, computed from the same unit-wise
+    norms before timm clips (one extra norm per parameter, no host sync)."""
 
     name = "agc"
 
@@ -202,11 +192,7 @@ class AGC(_Clip):
         skip = {id(p) for p in head.parameters()} if head is not None else set()
         return [p for p in model.parameters() if p.requires_grad and id(p) not in skip]
 
-    @staticmethod
-    def unitwise_norm(x: Tensor) -> Tensor:
-        if x.ndim <= 1:  # biases and gains: one unit each element, as in the NFNets code
-            return x.abs()
-        return torch.linalg.vector_norm(x, dim=tuple(range(1, x.ndim)), keepdim=True)
+    unitwise_norm = staticmethod(unitwise_norm)  # timm's: per output unit; a 1-D tensor is one unit
 
     @torch.no_grad()
     def after_backward(self, model: nn.Module, ctx: RunContext) -> None:
@@ -216,20 +202,14 @@ class AGC(_Clip):
         if not params:
             return
         norm = global_norm(_grads(model))
-        any_clipped = torch.zeros((), dtype=torch.bool, device=norm.device)
-        for p in params:
-            g = p.grad
-            max_norm = self.unitwise_norm(p.detach().float()).clamp_(min=self.eps).mul_(self.clip_factor)
-            g_norm = self.unitwise_norm(g.float())
-            over = g_norm > max_norm
-            g.mul_(torch.where(over, max_norm / g_norm.clamp(min=1e-6), torch.ones_like(g_norm)).to(g.dtype))
-            any_clipped |= over.any()
-        self._record(norm, any_clipped)
+        over = [
+            (unitwise_norm(p.grad.detach()) > unitwise_norm(p.detach()).clamp(min=self.eps) * self.clip_factor).any()
+            for p in params
+        ]
+        adaptive_clip_grad(params, clip_factor=self.clip_factor, eps=self.eps)
+        self._record(norm, torch.stack(over).any())
 
 
-@register(
-    "clip", "zclip", "z-score spike clipping against an EMA of gradient-norm mean and std", "Kumar et al. 2025, ZClip"
-)
 class ZClip(_Clip):
     """ZClip (Kumar et al. 2025): keep EMAs (``alpha``) of the mean and variance of the global gradient
     norm; after ``warmup_steps`` steps (which only collect statistics), a norm whose z-score exceeds

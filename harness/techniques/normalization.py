@@ -45,7 +45,6 @@ from harness.techniques.norm_layers import (
     ScaleNorm,
     scaled_std_conv,
 )
-from harness.techniques.registry import register
 
 CNN_CHOICES = (
     "batchnorm",
@@ -209,7 +208,7 @@ class Normalization(Technique):
 def _register(choice: str, description: str, paper: str, registry_name: str | None = None):
     def wrap(cls):
         cls.name, cls.choice, cls.description, cls.paper = registry_name or choice, choice, description, paper
-        return register("normalization", registry_name or choice, description, paper)(cls)
+        return cls
 
     return wrap
 

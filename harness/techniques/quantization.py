@@ -35,7 +35,6 @@ from torch import Tensor, nn
 from harness.errors import ConfigError
 from harness.hooks import RunContext, Technique
 from harness.metrics.classification import classification_metrics, perplexity
-from harness.techniques.registry import register
 
 FP8_MIN_CAPABILITY = (8, 9)
 FP8_RECIPES = ("tensorwise", "rowwise")
@@ -293,12 +292,6 @@ class _Quantized(Technique):
 # ---------------------------------------------------------------------------------------------- QAT
 
 
-@register(
-    "quantization",
-    "qat",
-    "quantization-aware training: fake-quant weights (and int8 activations) with STE, converted after training",
-    "Jacob et al. 2018, Quantization and Training of Neural Networks for Efficient Integer-Arithmetic-Only Inference",
-)
 class QAT(_Quantized):
     name = "qat"
 
@@ -380,12 +373,6 @@ class QAT(_Quantized):
 # ---------------------------------------------------------------------------------------------- PTQ
 
 
-@register(
-    "quantization",
-    "ptq",
-    "post-training int8 quantization of the trained model (dynamic, or static with calibration batches)",
-    "Jacob et al. 2018; Nagel et al. 2021, A White Paper on Neural Network Quantization",
-)
 class PTQ(_Quantized):
     name = "ptq"
 
@@ -493,12 +480,6 @@ def fp8_support() -> tuple[bool, str]:
     return cap >= FP8_MIN_CAPABILITY, f"{name} has compute capability {cap[0]}.{cap[1]}"
 
 
-@register(
-    "quantization",
-    "fp8",
-    "FP8 training of Linear layers with dynamic scaling (torchao.float8, tensorwise or rowwise)",
-    "Perez et al. 2023, Training and inference of large language models using 8-bit floating point",
-)
 class FP8Training(Technique):
     """Swap qualifying ``nn.Linear`` layers for torchao ``Float8Linear`` (e4m3 forward, e5m2 gradients, scales
     computed from the current amax each step). Rule: a Linear is converted when its name contains none of

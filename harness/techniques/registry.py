@@ -1,71 +1,46 @@
-"""The technique catalogue: one module per family, each technique small, named and registered.
+"""Techniques from the run config: ``build_techniques`` instantiates the ``_target_`` of each
+technique group's choice (``conf/<group>/<choice>.yaml``) with the YAML's hyper-parameters, in the
+order their hooks must run (normalization is swapped before QAT wraps layers; clipping follows the
+loss). A choice without ``_target_`` (``none``, ``default``) builds nothing.
 
-A technique YAML in ``conf/<group>/<choice>.yaml`` names its class with ``name:`` and lists its
-hyper-parameters; ``build_techniques`` turns the run config into ``Technique`` objects, in the order
-their hooks must run (normalization is swapped before QAT wraps layers; clipping follows the loss).
-Optimizers and schedules are plain torch.optim objects built in ``harness.techniques.optimizers`` /
-``harness.techniques.schedules``.
+Adding a technique is one class (a ``harness.hooks.Technique`` with the hooks it needs) plus one YAML
+naming it in ``_target_``. The keys of ``harness.schemas.TechniqueConfig`` (``name``, ``description``,
+``paper``, ``source``, ``applies_to``) document the choice and are not passed to the class.
+Optimizers and schedules are built in ``harness.techniques.optimizers`` / ``harness.techniques.schedules``.
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from omegaconf import DictConfig
 
-from omegaconf import DictConfig, OmegaConf
-
-from harness.errors import ConfigError
+from harness import build
+from harness.config import list_choices
 from harness.hooks import Technique
-from harness.registry import Registry, unknown_choice_message
+from harness.schemas import TECHNIQUE_GROUPS, harness_keys
 
-TECHNIQUES = Registry("technique")  # keys "<group>/<name>", e.g. "clip/autoclip"
-
-# hook order across groups; within a group there is one choice
-TECHNIQUE_GROUPS = ("normalization", "quantization", "regularization", "clip", "calibration")
-# keys of a technique YAML that document it and are not constructor arguments
-META_KEYS = ("name", "paper", "description", "source", "applies_to")
-NO_TECHNIQUE = (None, "none", "null", "default")
-
-# modules that register techniques; a module missing here (not written yet) is skipped
-_FAMILIES = ("clipping", "normalization", "regularization", "calibration", "quantization")
+__all__ = ["TECHNIQUE_GROUPS", "build_techniques", "meta_keys", "names_in_group"]
 
 
-def register(group: str, name: str, description: str = "", paper: str = ""):
-    """Class decorator: ``@register("clip", "autoclip", "...", "Seetharaman et al. 2020")``."""
-    return TECHNIQUES.register(f"{group}/{name}", description, paper)
-
-
-def load_families() -> None:
-    for family in _FAMILIES:
-        try:
-            importlib.import_module(f"harness.techniques.{family}")
-        except ModuleNotFoundError as e:
-            if e.name != f"harness.techniques.{family}":
-                raise
+def meta_keys() -> tuple[str, ...]:
+    """Keys of a technique YAML that document it and are not constructor arguments."""
+    return harness_keys("clip")
 
 
 def names_in_group(group: str) -> list[str]:
-    load_families()
-    return [k.split("/", 1)[1] for k in TECHNIQUES.names() if k.startswith(group + "/")]
+    """The choices of a technique group (the catalogue is ``conf/<group>/``)."""
+    return list_choices(group)
 
 
 def build_techniques(cfg: DictConfig) -> list[Technique]:
-    load_families()
     out: list[Technique] = []
     for group in TECHNIQUE_GROUPS:
-        node = cfg.get(group)
-        if node is None or node.get("name") in NO_TECHNIQUE:
+        spec = build.spec_of(group, cfg.get(group))
+        if not spec.get("_target_"):  # none / default: the model and loop as they are
             continue
-        key = f"{group}/{node.name}"
-        if key not in TECHNIQUES:
-            raise ConfigError(unknown_choice_message(f"{group} technique", node.name, names_in_group(group)))
-        params: dict[str, Any] = {
-            k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if k not in META_KEYS
-        }
-        try:
-            technique = TECHNIQUES.get(key)(**params)
-            technique.group = group  # the record keys technique statistics by group
-            out.append(technique)
-        except TypeError as e:
-            raise ConfigError(f"bad hyper-parameters for {group}={node.name}: {e}") from e
+        meta, params = build.split(group, spec)
+        technique = build.instantiate(group, params, meta.name or str(spec["_target_"]))
+        if not isinstance(technique, Technique):
+            raise build.ConfigError(f"{group}._target_={spec['_target_']!r} is not a harness.hooks.Technique")
+        technique.group = group  # the record keys technique statistics by group
+        out.append(technique)
     return out

@@ -29,7 +29,6 @@ from torch import Tensor, nn
 
 from harness.errors import ConfigError
 from harness.hooks import Batch, RunContext, Technique, soft_cross_entropy
-from harness.techniques.registry import register
 
 
 def _check_unknown(tech: Technique, hyperparams: dict[str, Any]) -> None:
@@ -72,12 +71,6 @@ class Regularizer(Technique):
         return {}
 
 
-@register(
-    "regularization",
-    "label_smoothing",
-    "Label smoothing",
-    "Szegedy et al. 2016, Rethinking the Inception Architecture; Xu et al. 2020, Towards Understanding Label Smoothing",
-)
 class LabelSmoothing(Regularizer):
     """Cross-entropy against (1 - eps) * target + eps / C (Szegedy et al. 2016), eps = 0.1 by default.
     Hard labels go through torch's fused ``cross_entropy(label_smoothing=eps)`` (cheap for large
@@ -101,12 +94,6 @@ class LabelSmoothing(Regularizer):
         return {"epsilon": self.epsilon}
 
 
-@register(
-    "regularization",
-    "pskd",
-    "Progressive self-knowledge distillation",
-    "Kim et al. 2021, Self-Knowledge Distillation with Progressive Refinement of Targets",
-)
 class PSKD(Regularizer):
     """PS-KD (Kim et al. 2021): at epoch t the target is (1 - a_t) * one-hot + a_t * p_{t-1}(x), where
     p_{t-1}(x) is the model's own softmax output for that training sample in the previous epoch and
@@ -176,13 +163,6 @@ class PSKD(Regularizer):
         return {"alpha_T": self.alpha_T, "final_alpha": self.last_alpha}
 
 
-@register(
-    "regularization",
-    "focal",
-    "Focal loss",
-    "Lin et al. 2017, Focal Loss for Dense Object Detection; Mukhoti et al. 2020, Calibrating Deep Neural "
-    "Networks using Focal Loss",
-)
 class FocalLoss(Regularizer):
     """-(1 - p_y)^gamma log p_y (Lin et al. 2017); gamma = 0 is cross-entropy. Mukhoti et al. 2020 show it
     improves calibration; ``adaptive: true`` is their sample-dependent FLSD-53 schedule (gamma = 5 when
@@ -211,9 +191,6 @@ class FocalLoss(Regularizer):
         return {"gamma": "FLSD-53" if self.adaptive else self.gamma}
 
 
-@register(
-    "regularization", "squentropy", "Squentropy loss", "Hui, Belkin & Wright 2023, Cut your Losses with Squentropy"
-)
 class Squentropy(Regularizer):
     """Cross-entropy plus the average square loss over the incorrect classes' logits (Hui et al. 2023):
     L = CE(z, y) + 1/(C - 1) * sum_{j != y} z_j^2. No hyper-parameters. With soft targets t the square term
@@ -287,7 +264,6 @@ class _Mixing(Regularizer):
         return {"alpha": self.alpha, "prob": self.prob, "applied_fraction": self.applied / max(self.steps, 1)}
 
 
-@register("regularization", "mixup", "Mixup", "Zhang et al. 2018, mixup: Beyond Empirical Risk Minimization")
 class Mixup(_Mixing):
     """x = lam * x_i + (1 - lam) * x_j, y = lam * y_i + (1 - lam) * y_j with lam ~ Beta(alpha, alpha) and j a
     permutation of the batch (Zhang et al. 2018), alpha = 1.0 by default; applied to a batch with
@@ -300,12 +276,6 @@ class Mixup(_Mixing):
         return lam * x + (1 - lam) * x[perm], lam
 
 
-@register(
-    "regularization",
-    "cutmix",
-    "CutMix",
-    "Yun et al. 2019, CutMix: Regularization Strategy to Train Strong Classifiers with Localizable Features",
-)
 class CutMix(_Mixing):
     """Paste a box of the permuted batch's images into each image (Yun et al. 2019): lam ~ Beta(alpha, alpha),
     box of side ratio sqrt(1 - lam) centred uniformly at random and clipped to the image; lam is then
