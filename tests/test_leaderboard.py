@@ -2,6 +2,7 @@
 
 import csv
 import hashlib
+import itertools
 import json
 import math
 from pathlib import Path
@@ -9,45 +10,80 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 from scipy import stats
 
 from harness.analysis import command
 from harness.analysis import leaderboard as L
 from harness.analysis.plots import ece_from_bins, reliability_diagram
 from harness.metrics.calibration import reliability_bins
+from harness.records import metric_directions, task_identity
 
 NEUTRAL = {"precision": "auto", "clip": "none", "normalization": "default", "regularization": "none"}
 NEUTRAL |= {"calibration": "none", "quantization": "none"}
+CONF = Path(__file__).resolve().parents[1] / "conf"
+_N = itertools.count()
+
+
+def yaml_config(group, choice):
+    """A group's config as Hydra resolves it: the choice's YAML (or just its name for an unknown choice)."""
+    path = CONF / group / f"{choice}.yaml"
+    return OmegaConf.to_container(OmegaConf.load(path)) if path.is_file() else {"name": choice}
 
 
 def write_record(root: Path, *, opt="sgd", sched="cosine", seed=0, metrics=None, status="ok", task="net-data",
-                 budget="3ep", lr=0.1, label=None, baseline=None, ttt=None, total_s=10.0, error=None, extra=None,
-                 schema_version=1):  # fmt: skip
-    """One schema-1 record under root/runs/... (what harness.records writes)."""
+                 budget="3ep", lr=None, label=None, baseline=None, ttt=None, total_s=10.0, error=None, extra=None,
+                 schema_version=1, dataset=None, model=None, batch_size=32, run_key=None, finished_at=None,
+                 environment=None, new=False, min_seeds=None, study=None, curve=None, directions=None,
+                 task_metric="acc", direction="max"):  # fmt: skip
+    """One schema-1 record under root/runs/... (what harness.records writes). ``new=True`` adds the fields of
+    the task/technique contract (task key, identity, metric and direction, metric_directions, environment);
+    without it the record is a legacy one."""
     choices = {"optimizer": opt, "schedule": sched, **NEUTRAL, **(extra or {})}
-    tconfig = {"optimizer": {"name": opt, "lr": lr, "weight_decay": 5e-4}, "schedule": {"name": sched}}
-    tconfig |= {g: {"name": v} for g, v in choices.items() if g not in tconfig}
+    tconfig = {g: yaml_config(g, v) for g, v in choices.items()}
+    if lr is not None:
+        tconfig["optimizer"]["lr"] = lr
     key = hashlib.sha1(json.dumps(tconfig, sort_keys=True).encode()).hexdigest()[:12]
-    run_dir = root / "runs" / "2025-01-01" / f"{task}_{budget}_{key}_{opt}_{sched}_s{seed}"
+    run_dir = root / "runs" / "2025-01-01" / f"{next(_N):04d}_{task}_{budget}_{opt}_{sched}_s{seed}"
+    model = model or {"name": "net", "family": "cnn", "width": 8}
+    dataset = dataset or {"name": task, "val_size": 0}
+    epochs = int(budget[:-2]) if budget.endswith("ep") else None
+    config = {"seed": seed, "model": model, "dataset": dataset, **tconfig,
+              "trainer": {"epochs": epochs, "max_steps": None, "batch_size": batch_size}}  # fmt: skip
     rec = {
         "schema_version": schema_version,
         "run_id": run_dir.name,
         "run_dir": str(run_dir),
         "status": status,
         "error": error,
-        "config": {"seed": seed, **tconfig},
+        "config": config,
         "choices": choices,
-        "task": {"name": task, "budget": budget, "epochs": 3, "max_steps": None, "batch_size": 32, "target": 0.9,
+        "task": {"name": task, "budget": budget, "epochs": epochs, "max_steps": None, "batch_size": batch_size,
+                 "target": 0.9,
                  "baseline": {"optimizer": "sgd", "schedule": "cosine"} if baseline is None else baseline},
         "technique": {"key": key, "label": label or f"{opt}+{sched}", "choices": choices, "config": tconfig},
-        "run_key": hashlib.sha1(run_dir.name.encode()).hexdigest()[:16],
+        "run_key": run_key or hashlib.sha1(run_dir.name.encode()).hexdigest()[:16],
         "seed": seed,
         "metrics": metrics or {},
-        "curve": [{"epoch": e, "step": 10 * e, "time_s": e, "lr": 0.1, "train_loss": 1.0 / e} for e in (1, 2, 3)],
+        "curve": curve if curve is not None else
+                 [{"epoch": e, "step": 10 * e, "time_s": e, "lr": 0.1, "train_loss": 1.0 / e} for e in (1, 2, 3)],
         "timing": {"total_s": total_s, "train_s": total_s, "eval_s": 0.0, "time_to_target_s": ttt},
         "throughput": {"samples_per_s": 1000.0},
         "memory": {"peak_bytes": 2**20},
     }  # fmt: skip
+    if finished_at:
+        rec["finished_at"] = finished_at
+    if new:
+        identity = task_identity(config)
+        rec["task"] |= {"metric": task_metric, "direction": direction, "split": "val", "report_split": "test",
+                        "min_seeds": min_seeds or 3, "identity": identity,
+                        "key": hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]}  # fmt: skip
+        rec["metric_directions"] = directions or metric_directions(rec["metrics"], rec["task"])
+        rec["environment"] = environment or {"device": "cpu", "threads": 2, "deterministic": False}
+    elif environment:
+        rec["environment"] = environment
+    if study:
+        rec["study"] = study
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "result.json").write_text(json.dumps(rec))
     return run_dir / "result.json"
@@ -78,16 +114,17 @@ def test_aggregation_matches_scipy_and_hand_values(two_configs):
     base = row(b, "sgd+cosine")
     assert base["is_baseline"] and base["n"] == 3
     assert base["mean"] == pytest.approx(0.91) and base["std"] == pytest.approx(0.01)
-    # by hand: t_{0.975, 2} = 4.302653, half width = 4.302653 * 0.01 / sqrt(3) = 0.0248414
-    assert base["ci_hi"] - base["mean"] == pytest.approx(0.0248414, abs=1e-6)
-    lo, hi = stats.t.interval(0.95, 2, loc=0.91, scale=0.01 / math.sqrt(3))
-    assert (base["ci_lo"], base["ci_hi"]) == pytest.approx((lo, hi))
+    # accuracy is a proportion: BCa bootstrap interval (scipy), inside the data's range
+    ref = stats.bootstrap((np.array(BASE),), np.mean, n_resamples=L.N_BOOT, method="BCa", rng=np.random.default_rng(1))
+    assert 0.90 <= base["ci_lo"] < 0.91 < base["ci_hi"] <= 0.92
+    assert base["ci_lo"] == pytest.approx(ref.confidence_interval.low, abs=0.003)
 
     a = row(b, "adamw+cosine")
     ref = stats.ttest_ind(ADAMW, BASE, equal_var=False)
     ci = ref.confidence_interval(0.95)
     assert a["delta"] == pytest.approx(np.mean(ADAMW) - np.mean(BASE))
     assert a["p_value"] == pytest.approx(ref.pvalue, rel=1e-9)
+    assert a["p_adj"] == pytest.approx(ref.pvalue, rel=1e-9)  # one comparison: Holm changes nothing
     assert (a["delta_lo"], a["delta_hi"]) == pytest.approx((ci.low, ci.high), rel=1e-9)
     assert a["std"] == pytest.approx(np.std(ADAMW, ddof=1))
     assert a["test_ece_mean"] == pytest.approx(0.03)
@@ -95,14 +132,22 @@ def test_aggregation_matches_scipy_and_hand_values(two_configs):
     assert list(b.table["label"]) == ["adamw+cosine", "sgd+cosine"]
 
 
-def test_welch_from_moments_equals_scipy_on_random_samples():
+def test_t_interval_for_unbounded_metrics_matches_hand_value():
+    # t_{0.975, 2} = 4.302653, half width = 4.302653 * 1.0 / sqrt(3) = 2.48414
+    lo, hi = L.mean_interval([30.0, 31.0, 32.0])
+    assert (hi - 31.0) == pytest.approx(2.48414, abs=1e-5) and (lo + hi) / 2 == pytest.approx(31.0)
+    assert (lo, hi) == pytest.approx(stats.t.interval(0.95, 2, loc=31.0, scale=1 / math.sqrt(3)))
+
+
+def test_compare_equals_scipy_welch_on_random_samples():
     rng = np.random.default_rng(0)
     for _ in range(5):
         a, c = rng.normal(0, 1, rng.integers(2, 9)), rng.normal(0.5, 2, rng.integers(2, 9))
-        w = L.welch(a, c)
+        w = L.compare(a, c)
         ref = stats.ttest_ind(a, c, equal_var=False)
         assert w["p_value"] == pytest.approx(ref.pvalue, rel=1e-9)
         assert w["delta_lo"] == pytest.approx(ref.confidence_interval(0.95).low, rel=1e-9)
+    assert not hasattr(L, "welch") and not hasattr(L, "summarize")  # the hand-written versions are gone
 
 
 def test_significance_mark_and_small_n_warning(tmp_path):
@@ -124,7 +169,7 @@ def test_significance_mark_and_small_n_warning(tmp_path):
     from harness.analysis.report import task_markdown
 
     md = task_markdown(b, {})
-    line = next(x for x in md.splitlines() if "| adamp+cosine |" in x)
+    line = next(x for x in md.splitlines() if x.startswith("| — | adamp+cosine |"))
     assert "⚠ n<3" in line
     assert "▲" in next(x for x in md.splitlines() if "| adamw+cosine |" in x)
 
@@ -137,7 +182,7 @@ def test_lm_lower_is_better_and_baseline_from_record(tmp_path):
         write_record(tmp_path, opt="lion", seed=s, metrics={"val_ppl": p + 1, "test_ppl": p}, baseline=spec)
     for s, p in enumerate([24.0, 24.5, 25.0]):  # adamw+cosine with clipping: not the baseline
         write_record(tmp_path, opt="adamw", seed=s, metrics={"test_ppl": p}, baseline=spec,
-                     extra={"clip": "norm"}, label="adamw+cosine+norm")  # fmt: skip
+                     extra={"clip": "norm"})  # fmt: skip
     (b,) = L.build(tmp_path).boards
     assert b.metric == "test_ppl" and not b.higher
     assert row(b, "adamw+cosine")["is_baseline"]
@@ -157,9 +202,10 @@ def test_baseline_hyperparameters_and_label_disambiguation(tmp_path):
             write_record(tmp_path, opt="sgd", lr=lr, seed=s, metrics={"test_acc": a}, baseline=spec)
     (b,) = L.build(tmp_path).boards
     labels = set(b.table["label"])
-    assert labels == {"sgd+cosine (optimizer.lr=0.1)", "sgd+cosine (optimizer.lr=0.05)"}
-    assert row(b, "sgd+cosine (optimizer.lr=0.05)")["is_baseline"]
-    assert row(b, "sgd+cosine (optimizer.lr=0.1)")["delta"] < 0
+    # sgd's YAML default lr is 0.1: only the other lr is named
+    assert labels == {"sgd+cosine", "sgd+cosine (lr=0.05)"}
+    assert row(b, "sgd+cosine (lr=0.05)")["is_baseline"]
+    assert row(b, "sgd+cosine")["delta"] < 0
 
 
 def test_failed_and_diverged_are_counted_and_listed(two_configs):
@@ -178,6 +224,7 @@ def test_failed_and_diverged_are_counted_and_listed(two_configs):
     md = (out / "net-data_3ep.md").read_text()
     assert "## Failed and diverged runs" in md and "CUDA out of memory" in md and "loss is nan at step 12" in md
     assert "4/1/1" in md
+    assert "## Fewer than" not in md  # 4 ok seeds: ranked; the failed seeds do not count
     with open(out / "leaderboard.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 2 and {r["label"] for r in rows} == {"adamw+cosine", "sgd+cosine"}
@@ -216,7 +263,7 @@ def test_cli_writes_every_format_and_rejects_bad_arguments(two_configs, capsys):
     for kind in ("curves", "metric_vs_time", "delta"):
         assert (out / "plots" / f"net-data_3ep_{kind}.png").read_bytes()[:4] == b"\x89PNG"
         assert b"<svg" in (out / "plots" / f"net-data_3ep_{kind}.svg").read_bytes()[:400]
-    assert "[net-data · 3ep](net-data_3ep.md)" in (out / "README.md").read_text()
+    assert "[net-data · 3ep](<net-data_3ep.md>)" in (out / "README.md").read_text()
 
     out2 = two_configs / "lb2"
     assert command.cli(["--results", str(two_configs), "--out", str(out2), "--format", "csv", "--task", "other"]) == 0
@@ -239,11 +286,16 @@ def test_performance_profile_scores_are_exact(tmp_path):
             for s in range(3):
                 write_record(tmp_path, opt=opt, task=task, seed=s, metrics={"test_acc": 0.9}, ttt=t)
     write_record(tmp_path, opt="lion", task="a", seed=0, metrics={"test_acc": 0.5}, ttt=None)  # never reached
+    write_record(tmp_path, opt="adam", task="b", seed=0, metrics={"test_acc": 0.9}, ttt=150.0)  # only run on b
     lb = L.build(tmp_path)
     score = dict(zip(lb.profile["label"], lb.profile["score"]))
+    tasks = dict(zip(lb.profile["label"], lb.profile["tasks"]))
+    assert lb.n_profile_tasks == 2
     assert score["sgd+cosine"] == pytest.approx(((4 - 1) + (4 - 3)) / (3 * 2))
     assert score["adamw+cosine"] == pytest.approx(((4 - 2) + (4 - 1)) / (3 * 2))
-    assert score["lion+cosine"] == 0.0
+    assert score["lion+cosine"] == 0.0 and tasks["lion+cosine"] == 1
+    # never run on task a: counted over the one task it was run on (ratio 1.5), not as failing task a
+    assert tasks["adam+cosine"] == 1 and score["adam+cosine"] == pytest.approx((4 - 1.5) / 3)
     taus, rho = lb.profile_curves["sgd+cosine"]
     assert rho[np.searchsorted(taus, 2.0)] == 0.5 and rho[-1] == 1.0
 
@@ -288,4 +340,7 @@ def test_task_where_every_run_failed_is_still_listed(two_configs, capsys):
     broken = next(b for b in lb.boards if b.name == "broken")
     assert broken.table["n"].tolist() == [0] and broken.table["failed"].tolist() == [1]
     assert [r.error for r in broken.bad_runs] == ["ImportError: no module x"]
+    assert any("broken@3ep: none of test_acc" in w for w in lb.warnings)
+    out = two_configs / "lb"
+    assert command.cli(["--results", str(two_configs), "--out", str(out), "--no-plots", "--quiet"]) == 0
     assert "broken@3ep: none of test_acc" in capsys.readouterr().err

@@ -4,12 +4,14 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 from harness.analysis import report
-from harness.analysis.leaderboard import FORMATS, RECORD_NAME, build
+from harness.analysis.leaderboard import CORRECTIONS, FORMATS, RECORD_NAME, build, print_warnings
 from harness.errors import ConfigError
 
 
@@ -24,10 +26,33 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--task", default=None, help="only this task (task name, or name@budget)")
     p.add_argument("--metric", default=None, help="primary metric (default: test_acc, or test_ppl/val_ppl for LMs)")
     p.add_argument("--baseline", default=None, help="technique label (or key) to compare against on every task")
+    p.add_argument(
+        "--correction",
+        default="holm",
+        choices=list(CORRECTIONS),
+        help="multiple-comparison correction within each table: holm (Holm-Bonferroni, default) or bh "
+        "(Benjamini-Hochberg)",
+    )
     p.add_argument("--no-plots", action="store_true", help="skip the matplotlib plots (faster)")
     p.add_argument("--redraw", action="store_true", help="redraw every plot (default: keep plots of unchanged tasks)")
     p.add_argument("--quiet", action="store_true", help="do not print the tables")
     return p.parse_args(argv)
+
+
+def check_out(out: Path, what: str) -> None:
+    """Refuse an output directory that is a file or cannot be written, before any work: create it (and its
+    parents) and a probe file in it."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{what} {str(out)!r} is a file, not a directory; pass --out DIR")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=out, prefix=".write-test-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ConfigError(
+            f"{what} {str(out)!r} is not writable ({e.strerror or e}); pass --out DIR with a writable directory"
+        ) from None
 
 
 def cli(argv: list[str]) -> int:
@@ -42,10 +67,12 @@ def cli(argv: list[str]) -> int:
         if not results.is_dir():
             raise ConfigError(f"--results {str(results)!r} is not a directory")
         out = Path(args.out) if args.out else results / "leaderboards"
-        lb = build(results, args.task, args.metric, args.baseline, skip=(str(out),))
+        check_out(out, "--out" if args.out else "the default output directory")
+        lb = build(results, args.task, args.metric, args.baseline, skip=(str(out),), correction=args.correction)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    print_warnings(lb)
     for pr in lb.problems:
         print(f"warning: skipped {pr.path}: {pr.reason}", file=sys.stderr)
     if not lb.boards:

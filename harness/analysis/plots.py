@@ -22,13 +22,25 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from harness.records import atomic_write_bytes
+
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
 
     from harness.analysis.leaderboard import Leaderboard, TaskBoard
 
 MAX_LINES = 6  # curves per plot: the baseline and the best configurations, more is unreadable
-RC = {"svg.fonttype": "none", "font.size": 8, "axes.titlesize": 9, "legend.fontsize": 7, "figure.dpi": 100}
+# text.parse_math off: labels come from records ("cost $\\foo$" is text, never matplotlib mathtext)
+RC = {
+    "svg.fonttype": "none",
+    "font.size": 8,
+    "axes.titlesize": 9,
+    "legend.fontsize": 7,
+    "figure.dpi": 100,
+    "text.parse_math": False,
+    "text.usetex": False,
+}
+LEGEND_CHAR_IN = 0.055  # inches per character of a 7 pt legend entry
 
 
 def _styled(fn):
@@ -43,17 +55,39 @@ def _styled(fn):
 
 
 def save(fig: Figure, stem: str | Path) -> bytes:
-    """Write ``stem``.png and ``stem``.svg; return the PNG bytes (embedded in the HTML page)."""
+    """Write ``stem``.png and ``stem``.svg atomically; return the PNG bytes (embedded in the HTML page)."""
     stem = Path(stem)
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    buf = io.BytesIO()
+    buf, svg = io.BytesIO(), io.BytesIO()
     with matplotlib.rc_context(RC):
         # fixed margins (no bbox_inches="tight", no constrained layout): each of those costs an extra draw
         fig.savefig(buf, format="png", dpi=100, pil_kwargs={"compress_level": 1})  # zlib level 6 is 10x slower
-        fig.savefig(stem.with_suffix(".svg"), format="svg")
+        fig.savefig(svg, format="svg")
     png = buf.getvalue()
-    stem.with_suffix(".png").write_bytes(png)
+    atomic_write_bytes(stem.with_suffix(".svg"), svg.getvalue())
+    atomic_write_bytes(stem.with_suffix(".png"), png)
     return png
+
+
+def _legend_width(labels: Sequence[str]) -> float:
+    """Inches a legend of these entries needs beside the axes."""
+    return 0.45 + LEGEND_CHAR_IN * max((len(x) for x in labels), default=0)
+
+
+def _legend_outside(ax: Axes, **kw) -> None:
+    """The legend right of the axes (it never covers data); the figure's right margin leaves room for it."""
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, **kw)
+
+
+def _short(s: Any, n: int = 40) -> str:
+    s = str(s)
+    return s if len(s) <= n else s[: n - 1] + "…"
+
+
+def _scale(metric: str) -> tuple[float, str]:
+    """Proportions are drawn in percent, like the tables."""
+    from harness.analysis.leaderboard import is_proportion
+
+    return (100.0, f"{metric} [%]") if is_proportion(metric) else (1.0, metric)
 
 
 def _ticks(*axes: Axes, x: bool = True, y: bool = True) -> None:
@@ -146,105 +180,163 @@ def _stages(rel: Mapping[str, Any]) -> dict[str, Mapping]:
 
 
 def _shown(board: TaskBoard) -> list[str]:
-    """Keys to draw: the baseline and the best configurations."""
+    """Keys to draw: the baseline and the best configurations (ranked ones first)."""
     keys = list(board.table.loc[board.table["n"] > 0, "key"])[:MAX_LINES]
     if board.baseline_key and board.baseline_key not in keys:
         keys = keys[: MAX_LINES - 1] + [board.baseline_key]
     return keys
 
 
+def _x_axis(board: TaskBoard, keys: list[str]) -> str:
+    """Curves are drawn against epochs when every run has the same steps per epoch; otherwise against
+    optimizer steps, or tokens when the curve records them (language models)."""
+    per_epoch, has_tokens, has_step = set(), True, True
+    for r in board.runs:
+        if r.status != "ok" or r.key not in keys:
+            continue
+        for p in r.curve:
+            has_tokens &= isinstance(p.get("tokens"), (int, float))
+            has_step &= isinstance(p.get("step"), (int, float))
+            e, st = p.get("epoch"), p.get("step")
+            if isinstance(e, (int, float)) and e > 0 and isinstance(st, (int, float)):
+                per_epoch.add(round(st / e, 3))
+    if has_tokens and (len(per_epoch) > 1 or "steps" in board.budget):
+        return "tokens"
+    if has_step and (len(per_epoch) > 1 or "steps" in board.budget):
+        return "step"
+    return "epoch"
+
+
 @_styled
 def plot_curves(board: TaskBoard, stem: Path) -> bytes | None:
-    """Training loss and the evaluation metric per epoch: mean over seeds with a +-1 std band."""
+    """Training loss and the evaluation metric over training: mean over seeds with a +-1 std band, against
+    epochs, or steps/tokens when runs differ in epoch length. A panel none of whose series has two points is
+    left out."""
     labels = dict(zip(board.table["key"], board.table["label"]))
-    curves: dict[str, dict[str, dict[int, list[float]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
-    present: set[str] = set()
     shown = _shown(board)
+    xname = _x_axis(board, shown)
+    curves: dict[str, dict[str, dict[float, list[float]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
     for r in board.runs:
         if r.status != "ok" or r.key not in shown:
             continue
         for p in r.curve:
-            e = p.get("epoch")
-            if e is None:
+            x = p.get(xname)
+            if not isinstance(x, (int, float)):
                 continue
             for m, v in p.items():
-                if isinstance(v, (int, float)) and m not in ("epoch", "step", "time_s", "lr") and math.isfinite(v):
-                    curves[r.key][m][e].append(v)
-                    present.add(m)
-    evalm = next((m for m in (board.metric, "test_acc", "val_loss", "test_loss") if m in present), None)
-    panels = [m for m in ("train_loss", evalm) if m and m in present]
+                if m in ("epoch", "step", "time_s", "lr", "tokens") or isinstance(v, bool):
+                    continue
+                if isinstance(v, (int, float)) and math.isfinite(v):
+                    curves[r.key][m][x].append(v)
+
+    def drawable(m: str) -> bool:
+        return any(len(curves[k].get(m) or {}) >= 2 for k in shown)
+
+    evalm = next(
+        (
+            m
+            for m in (board.metric, "val_" + board.metric.split("_", 1)[-1], "test_acc", "val_loss", "test_loss")
+            if drawable(m)
+        ),
+        None,
+    )
+    panels = [m for m in dict.fromkeys(("train_loss", evalm)) if m and drawable(m)]
     if not panels:
         return None
-    fig = _fig(3.4 * len(panels), 2.9, top=0.5)
+    names = [_short(labels[k]) for k in shown]
+    lw = _legend_width(names)
+    fig = _fig(3.3 * len(panels) + lw, 2.9, top=0.5, right=lw)
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, m in zip(axes, panels):
+        scale, ylabel = _scale(m)
         for i, key in enumerate(shown):
             pts = curves[key].get(m)
             if not pts:
                 continue
-            ep = np.array(sorted(pts))
-            vals = [np.array(pts[e]) for e in ep]
+            xs = np.array(sorted(pts))
+            vals = [np.array(pts[x]) * scale for x in xs]
             mu = np.array([v.mean() for v in vals])
             sd = np.array([v.std(ddof=1) if len(v) > 1 else 0.0 for v in vals])
             base = key == board.baseline_key
-            ax.plot(ep, mu, color=f"C{i}", lw=1.8 if base else 1.2, ls="--" if base else "-", label=labels[key][:40])
-            ax.fill_between(ep, mu - sd, mu + sd, color=f"C{i}", alpha=0.2, lw=0)
-        ax.set(xlabel="epoch", ylabel=m)
+            ax.plot(xs, mu, color=f"C{i}", lw=1.8 if base else 1.2, ls="--" if base else "-", label=names[i],
+                    marker="o" if len(xs) < 6 else None, ms=3)  # fmt: skip
+            ax.fill_between(xs, mu - sd, mu + sd, color=f"C{i}", alpha=0.2, lw=0)
+        ax.set(xlabel=xname, ylabel=ylabel)
         _ticks(ax)
-    axes[0].legend(loc="upper right")  # an explicit place: loc="best" searches every data point
-    fig.suptitle(f"{board.title}: mean ± std over seeds")
+    _legend_outside(axes[-1])
+    fig.suptitle(f"{_short(board.title, 70)}: mean ± std over seeds")
     return save(fig, stem)
 
 
 @_styled
 def plot_metric_vs_time(board: TaskBoard, stem: Path) -> bytes | None:
-    """Primary metric against wall time per configuration (mean ± std over seeds), Pareto-optimal ones ringed."""
+    """Primary metric against wall time per configuration (mean ± std over seeds), every point labelled,
+    Pareto-optimal ones ringed; configurations with too few seeds drawn hollow."""
     t = board.table[board.table["n"] > 0]
     if t.empty or t["total_s"].isna().all():
         return None
-    fig = _fig(4.6, 3.4)
+    scale, ylabel = _scale(board.metric)
+    entries = ["configuration", "baseline", "Pareto-optimal (joint view)", f"fewer than {board.min_seeds} seeds"]
+    lw = _legend_width(entries)
+    fig = _fig(4.4 + lw, 3.4, right=lw)
     ax = fig.add_subplot()
     base = t["is_baseline"].to_numpy(bool)
+    ranked = t["ranked"].to_numpy(bool)
     front = t["pareto"].to_numpy(bool)
-    x, y, e = t["total_s"].to_numpy(float), t["mean"].to_numpy(float), t["std"].fillna(0).to_numpy(float)
-    ax.errorbar(x[~base], y[~base], yerr=e[~base], fmt="o", ms=4, color="C0", alpha=0.7, label="configuration")
+    x, y = t["total_s"].to_numpy(float), t["mean"].to_numpy(float) * scale
+    e = t["std"].fillna(0).to_numpy(float) * scale
+    m = ~base & ranked
+    if m.any():
+        ax.errorbar(x[m], y[m], yerr=e[m], fmt="o", ms=4, color="C0", alpha=0.8, label="configuration")
+    m = ~base & ~ranked
+    if m.any():
+        ax.errorbar(x[m], y[m], yerr=e[m], fmt="o", ms=4, mfc="none", color="0.5", label=entries[3])
     if base.any():
         ax.errorbar(x[base], y[base], yerr=e[base], fmt="s", ms=6, color="k", label="baseline")
     if front.any():
         # rings, not a line: the front is over every joint-view objective, not just these two axes
-        ax.scatter(x[front], y[front], s=90, facecolors="none", edgecolors="C3", label="Pareto-optimal (joint view)")
-        for xi, yi, lab in list(zip(x[front], y[front], t["label"][front]))[:6]:
-            ax.annotate(str(lab)[:28], (xi, yi), fontsize=6, xytext=(3, 3), textcoords="offset points")
-    ax.set(xlabel="wall time per run [s]", ylabel=board.metric)
-    ax.legend(loc="lower right" if board.higher else "upper right")
+        ax.scatter(x[front], y[front], s=90, facecolors="none", edgecolors="C3", label=entries[2])
+    for xi, yi, lab in list(zip(x, y, t["label"]))[:25]:  # every point named (the 25 best)
+        if math.isfinite(xi) and math.isfinite(yi):
+            ax.annotate(_short(lab, 28), (xi, yi), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    ax.set(xlabel="wall time per run [s]", ylabel=ylabel)
+    ax.margins(x=0.15, y=0.12)
+    _legend_outside(ax)
     _ticks(ax)
-    fig.suptitle(f"{board.title}: {board.metric} vs wall time")
+    fig.suptitle(f"{_short(board.title, 60)}: {board.metric} vs wall time")
     return save(fig, stem)
 
 
 @_styled
 def plot_delta(board: TaskBoard, stem: Path) -> bytes | None:
-    """Delta vs the baseline with its 95% Welch interval; green/red = significantly better/worse."""
+    """Δ vs the baseline with its 95% Welch interval, in the tables' units; green/red = significantly
+    better/worse after the table's multiple-comparison correction; grey hatched = too few seeds."""
     t = board.table[~board.table["is_baseline"] & board.table["delta"].notna()]
     if t.empty or not board.baseline_key:
         return None
+    scale, unit = _scale(board.metric)
     t = t.sort_values("delta", ascending=board.higher).tail(40)  # best at the top
-    d = t["delta"].to_numpy(float)
-    lo = np.nan_to_num(d - t["delta_lo"].to_numpy(float))
-    hi = np.nan_to_num(t["delta_hi"].to_numpy(float) - d)
+    d = t["delta"].to_numpy(float) * scale
+    lo = np.nan_to_num(d - t["delta_lo"].to_numpy(float) * scale)
+    hi = np.nan_to_num(t["delta_hi"].to_numpy(float) * scale - d)
     colors = ["tab:green" if b is True else "tab:red" if b is False else "0.6" for b in t["better"]]
-    names = [str(s)[:45] for s in t["label"]]
+    names = [_short(s, 45) + ("" if rk else " (n<min)") for s, rk in zip(t["label"], t["ranked"])]
     margin = 0.2 + 0.075 * max(map(len, names))  # inches of 8 pt tick labels
     fig = _fig(3.6 + margin, 1.0 + 0.2 * len(t), left=margin, right=0.3, bottom=0.5)
     ax = fig.add_subplot()
     yy = np.arange(len(t))
-    ax.barh(yy, d, xerr=np.stack([lo, hi]), color=colors, error_kw={"lw": 0.8, "capsize": 2})
+    bars = ax.barh(yy, d, xerr=np.stack([lo, hi]), color=colors, error_kw={"lw": 0.8, "capsize": 2})
+    for bar, rk in zip(bars, t["ranked"]):
+        if not rk:
+            bar.set_hatch("///")
+            bar.set_alpha(0.5)
     ax.set_yticks(yy, names)
     ax.axvline(0, color="k", lw=0.8)
     _ticks(ax, y=False)
     better = "higher" if board.higher else "lower"
-    ax.set(xlabel=f"Δ {board.metric} vs baseline ({better} is better), 95% CI")
-    fig.suptitle(board.title)
+    pp = " [pp]" if scale == 100 else ""
+    ax.set(xlabel=f"Δ {board.metric}{pp} vs baseline ({better} is better), 95% CI")
+    fig.suptitle(_short(board.title, 70))
     return save(fig, stem)
 
 
@@ -275,18 +367,22 @@ def plot_reliability(board: TaskBoard, stem: Path) -> bytes | None:
 
 @_styled
 def plot_profile(lb: Leaderboard, stem: Path, top: int = 10) -> bytes | None:
-    """AlgoPerf performance profile: fraction of tasks reaching the target within tau x the fastest."""
+    """AlgoPerf performance profile: fraction of the tasks each technique was run on where it reaches the
+    target within tau x the fastest. The legend sits right of the axes."""
     if lb.profile is None or lb.profile.empty:
         return None
-    fig = _fig(4.8, 3.2)
+    rows = list(lb.profile.head(top).itertuples())
+    names = [f"{_short(r.label, 32)} ({r.score:.2f}, {r.tasks} tasks)" for r in rows]
+    lw = _legend_width(names)
+    fig = _fig(4.4 + lw, 3.2, right=lw)
     ax = fig.add_subplot()
-    for i, row in enumerate(lb.profile.head(top).itertuples()):
+    for i, (row, name) in enumerate(zip(rows, names)):
         taus, rho = lb.profile_curves[row.label]
-        ax.step(taus, rho, where="post", color=f"C{i % 10}", label=f"{str(row.label)[:32]} ({row.score:.2f})")
-    ax.set(xlabel="τ (time to target / best)", ylabel="fraction of tasks", xlim=(1, taus[-1]), ylim=(-0.02, 1.02))
+        ax.step(taus, rho, where="post", color=f"C{i % 10}", label=name)
+    ax.set(xlabel="τ (time to target / best)", ylabel="fraction of tasks run", xlim=(1, taus[-1]), ylim=(-0.02, 1.02))
     _ticks(ax)
-    fig.suptitle(f"Performance profile over {int(lb.profile['tasks'].iloc[0])} tasks (score in legend)")
-    ax.legend(loc="lower right")
+    fig.suptitle(f"Performance profile over {lb.n_profile_tasks} tasks (score, tasks run)")
+    _legend_outside(ax)
     return save(fig, stem)
 
 
@@ -337,6 +433,5 @@ def task_plots(board: TaskBoard, out: Path, cache: bool = True) -> dict[str, tup
             for ext in (".png", ".svg"):
                 stem.with_suffix(ext).unlink(missing_ok=True)
     if cache:
-        stamp.parent.mkdir(parents=True, exist_ok=True)
-        stamp.write_text(json.dumps({"fingerprint": fp, "plots": list(done)}))
+        atomic_write_bytes(stamp, json.dumps({"fingerprint": fp, "plots": list(done)}).encode())
     return done

@@ -16,11 +16,8 @@ from typing import Any
 
 import pandas as pd
 
-from harness.analysis.leaderboard import ALPHA, Leaderboard, TaskBoard
+from harness.analysis.leaderboard import ALPHA, CALIBRATED, CORRECTIONS, Leaderboard, TaskBoard, is_proportion
 from harness.records import atomic_write_text
-
-PERCENT = ("acc", "top1", "top5", "ece", "mce")  # fractions shown in percent
-
 
 # ----------------------------------------------------------------------------- formatting
 
@@ -30,7 +27,8 @@ def _ok(v: Any) -> bool:
 
 
 def is_percent(metric: str) -> bool:
-    return any(p in metric for p in PERCENT)
+    """Proportions (accuracy, ECE) are shown in percent, in tables and plots alike."""
+    return is_proportion(metric)
 
 
 def fmt_num(metric: str, v: Any, signed: bool = False) -> str:
@@ -69,15 +67,25 @@ def _num(v: Any) -> float | None:
     return float(v) if _ok(v) else None
 
 
-def columns(board: TaskBoard) -> tuple[list[tuple[str, str]], list[list[tuple[str, float | str | None]]]]:
-    """The displayed table: [(column id, header)] and rows of (text, sort value). Shared by every format."""
+def _p_text(p: Any) -> str:
+    return ("<0.001" if p < 1e-3 else f"{p:.3f}") if _ok(p) else "—"
+
+
+def columns(
+    board: TaskBoard, table: pd.DataFrame | None = None
+) -> tuple[list[tuple[str, str]], list[list[tuple[str, float | str | None]]]]:
+    """The displayed table: [(column id, header)] and rows of (text, sort value). Shared by every format.
+    ``table`` is a subset of the board's rows (ranked ones, or those with too few seeds)."""
     m = board.metric
-    t = board.table
+    t = board.table if table is None else table
     has = {c: c in t and t[c].notna().any() for c in ("time_to_target_s", "total_s", "peak_bytes")}
     rate = "tokens" if "tokens_per_s" in t and t["tokens_per_s"].notna().any() else "samples"
+    corr = CORRECTIONS[board.correction].split("-")[0]
     cols = [("rank", "#"), ("label", "technique"), ("mean", f"{metric_header(m)} mean ± std"), ("n", "n")]
-    cols += [("ci", "95% CI"), ("delta", "Δ vs baseline [95% CI]"), ("p", "p (Welch)")]
-    cols += [(f"{s}_mean", metric_header(s)) for s in board.secondary]
+    cols += [("ci", "95% CI"), ("delta", "Δ vs baseline [95% CI]"), ("p", f"p (Welch, {corr})")]
+    cols += [(f"{s}_mean", metric_header(s) + (" (primary)" if s == board.primary else "")) for s in board.secondary]
+    if "tuning_budget" in t and t["tuning_budget"].notna().any():
+        cols.append(("tuning_budget", "tuning budget"))
     if has["time_to_target_s"]:
         cols.append(("time_to_target_s", "time to target (reached)"))
     if has["total_s"]:
@@ -92,14 +100,14 @@ def columns(board: TaskBoard) -> tuple[list[tuple[str, str]], list[list[tuple[st
         row = []
         for c, _ in cols:
             if c == "rank":
-                row.append((str(r["rank"]), r["rank"]))
+                row.append((f"{int(r['rank'])}" if _ok(r["rank"]) else "—", _num(r["rank"])))
             elif c == "label":
                 row.append((r["label"] + (" (baseline)" if r["is_baseline"] else ""), r["label"].lower()))
             elif c == "mean":
                 txt = fmt_num(m, r["mean"]) + (f" ± {fmt_num(m, r['std'])}" if _ok(r["std"]) else "")
                 row.append((txt, _num(r["mean"])))
             elif c == "n":
-                row.append((f"{r['n']}" + (" ⚠ n<3" if r["warning"] else ""), r["n"]))
+                row.append((f"{r['n']}" + (f" ⚠ n<{board.min_seeds}" if r["warning"] else ""), r["n"]))
             elif c == "ci":
                 txt = f"[{fmt_num(m, r['ci_lo'])}, {fmt_num(m, r['ci_hi'])}]" if _ok(r["ci_lo"]) else "—"
                 row.append((txt, _num(r["ci_lo"])))
@@ -115,12 +123,19 @@ def columns(board: TaskBoard) -> tuple[list[tuple[str, str]], list[list[tuple[st
                     txt = "—"
                 row.append((txt, _num(r["delta"])))
             elif c == "p":
-                p = r["p_value"]
-                row.append((("<0.001" if p < 1e-3 else f"{p:.3f}") if _ok(p) else "—", _num(p)))
+                p = r["p_adj"] if _ok(r["p_adj"]) else r["p_value"]
+                txt = _p_text(r["p_adj"]) if _ok(r["p_adj"]) else _p_text(r["p_value"])
+                if _ok(r["p_value"]) and not _ok(r["p_adj"]):
+                    txt += " (uncorrected, not ranked)"
+                elif not _ok(p) and r["p_note"] and not r["is_baseline"]:
+                    txt = f"— ({r['p_note']})"
+                row.append((txt, _num(p)))
             elif c.endswith("_mean"):
                 s = c[:-5]
                 txt = fmt_num(s, r[c]) + (f" ± {fmt_num(s, r[s + '_std'])}" if _ok(r.get(s + "_std")) else "")
                 row.append((txt if _ok(r[c]) else "—", _num(r[c])))
+            elif c == "tuning_budget":
+                row.append((f"{int(r[c])} trials" if _ok(r[c]) else "—", _num(r[c])))
             elif c == "time_to_target_s":
                 txt = f"{fmt_time(r[c])} ({r['target_reached']}/{r['ok']})" if r["ok"] else "—"
                 row.append((txt, _num(r[c])))
@@ -140,20 +155,55 @@ def columns(board: TaskBoard) -> tuple[list[tuple[str, str]], list[list[tuple[st
     return cols, rows
 
 
+def calibration_columns(board: TaskBoard) -> tuple[list[tuple[str, str]], list[list[tuple[str, Any]]]]:
+    """The post-hoc calibration table: per configuration and calibrator, ECE and NLL before -> after and the
+    after value's Δ against the baseline's uncalibrated value."""
+    t = board.calibration
+    cols = [("label", "technique"), ("calibrator", "calibrator"), ("n", "n")]
+    for b in CALIBRATED:
+        cols += [(f"{b}_before", f"{metric_header(b)} before"), (f"{b}_after", f"{metric_header(b)} after")]
+        cols += [(f"{b}_delta", f"Δ {b} after vs baseline before [95% CI]")]
+    rows = []
+    for r in t.to_dict("records"):
+        row = [(r["label"], r["label"].lower()), (r["calibrator"], r["calibrator"])]
+        row.append((str(max(r[f"{b}_n"] for b in CALIBRATED)), max(r[f"{b}_n"] for b in CALIBRATED)))
+        for b in CALIBRATED:
+            row += [
+                (fmt_num(b, r[f"{b}_before"]), _num(r[f"{b}_before"])),
+                (fmt_num(b, r[f"{b}_after"]), _num(r[f"{b}_after"])),
+            ]
+            txt = fmt_num(b, r[f"{b}_delta"], signed=True)
+            if _ok(r[f"{b}_delta_lo"]):
+                txt += f" [{fmt_num(b, r[f'{b}_delta_lo'], True)}, {fmt_num(b, r[f'{b}_delta_hi'], True)}]"
+            txt += f" {r[f'{b}_mark']}" if r[f"{b}_mark"] else ""
+            row.append((txt, _num(r[f"{b}_delta"])))
+        rows.append(row)
+    return cols, rows
+
+
 def legend(board: TaskBoard) -> str:
     d = "higher" if board.higher else "lower"
+    corr = CORRECTIONS[board.correction]
+    ci = (
+        "95% BCa bootstrap interval of the mean (stays within 0-100 %)"
+        if is_percent(board.metric)
+        else "95% Student t interval of the mean"
+    )
     return (
-        f"Primary metric **{board.metric}** ({d} is better); mean ± sample std over seeds, 95% t interval. "
-        f"Δ = mean − baseline mean with its 95% Welch interval; ▲/▼ = significantly better/worse "
-        f"(Welch's t-test, p < {ALPHA}); ⚠ = fewer than 3 seeds (no reliable interval). "
-        f"Pareto ★ = not dominated on {', '.join(o.replace('_mean', '') for o in board.objectives)}; "
+        f"Primary metric **{board.metric}** ({d} is better); mean ± sample std over seeds, {ci}. "
+        f"Δ = mean − baseline mean with its 95% Welch interval; p = Welch's t-test, {corr}-adjusted over the "
+        f"{board.n_comparisons} comparisons of this table; ▲/▼ = significantly better/worse (adjusted p < {ALPHA}). "
+        f"No p-value where a group has fewer than 2 seeds or no variance. Configurations with fewer than "
+        f"{board.min_seeds} seeds are listed apart: not ranked, not starred, not in the corrected family. "
+        f"Pareto ★ = not dominated on {', '.join(o.replace('_mean', '') for o in board.objectives)} (ranked rows); "
         f"joint rank = mean rank over those."
     )
 
 
 def _status_line(board: TaskBoard) -> str:
     c = {s: sum(r.status == s for r in board.runs) for s in ("ok", "diverged", "failed")}
-    return f"{len(board.runs)} runs: {c['ok']} ok, {c['diverged']} diverged, {c['failed']} failed"
+    dup = f"; {len(board.duplicates)} duplicate records not counted" if board.duplicates else ""
+    return f"{len(board.runs)} runs: {c['ok']} ok, {c['diverged']} diverged, {c['failed']} failed{dup}"
 
 
 def _oneline(s: Any, n: int = 200) -> str:
@@ -179,38 +229,77 @@ def md_table(headers: list[str], rows: list[list[str]], html: bool = True) -> st
     return "\n".join(out)
 
 
-def task_markdown(board: TaskBoard, plots: dict[str, str]) -> str:
-    cols, rows = columns(board)
-    base = board.table.loc[board.table["is_baseline"], "label"]
+def run_links(board: TaskBoard, key: str, base: Path) -> list[tuple[str, str, str]]:
+    """(seed text, run directory href, resolved-config href) of every run of a configuration, relative to
+    ``base``: the config is ``<run_dir>/.hydra/config.yaml`` when Hydra wrote one, else the record."""
+    out = []
+    for r in sorted((r for r in board.runs if r.key == key), key=lambda r: (str(r.seed), r.path)):
+        cfg = Path(r.run_dir) / ".hydra" / "config.yaml"
+        cfg = cfg if cfg.is_file() else Path(r.path)
+        txt = f"s{r.seed}" + ("" if r.status == "ok" else f" {r.status}")
+        out.append((txt, _rel(r.run_dir, base), _rel(cfg, base)))
+    return out
+
+
+def _rel(path: str | Path, base: Path) -> str:
+    try:
+        return Path(os.path.relpath(path, base)).as_posix()
+    except ValueError:  # another drive (Windows): an absolute URI
+        return Path(path).resolve().as_uri()
+
+
+def _md_link(text: str, href: str) -> str:
+    return f"[{md_link_text(text)}](<{href.replace('>', '%3E')}>)"
+
+
+def md_link_text(s: Any) -> str:
+    """Text inside a Markdown link: escaped like a cell, and brackets escaped so it cannot close the link."""
+    return md_escape(s).replace("[", "\\[").replace("]", "\\]")
+
+
+def _notes(board: TaskBoard) -> list[str]:
+    return ([board.variant_note] if board.variant_note else []) + board.notes
+
+
+def task_markdown(board: TaskBoard, plots: dict[str, str], base: Path | None = None) -> str:
+    base = base or Path(".")
+    base_row = board.table.loc[board.table["is_baseline"], "label"]
     lines = [
         f"# {md_escape(board.title)}",
         "",
-        f"Baseline: **{md_escape(base.iloc[0]) if len(base) else 'none'}** ({md_escape(board.baseline_note)}). "
-        f"{_status_line(board)}.",
-        "",
-        legend(board),
-        "",
-        md_table([h for _, h in cols], [[txt for txt, _ in r] for r in rows]),
+        f"Task key `{board.task_key}`. Baseline: **{md_escape(base_row.iloc[0]) if len(base_row) else 'none'}** "
+        f"({md_escape(board.baseline_note)}). {_status_line(board)}.",
         "",
     ]
+    lines += [f"> {md_escape(n)}" for n in _notes(board)] + ([""] if _notes(board) else [])
+    lines += [legend(board), ""]
+    if len(board.ranked):
+        cols, rows = columns(board, board.ranked)
+        lines += [md_table([h for _, h in cols], [[txt for txt, _ in r] for r in rows]), ""]
+    if len(board.unranked):
+        lines += [f"## Fewer than {board.min_seeds} seeds (not ranked)", ""]
+        cols, rows = columns(board, board.unranked)
+        lines += [md_table([h for _, h in cols], [[txt for txt, _ in r] for r in rows]), ""]
+    if board.calibration is not None:
+        cols, rows = calibration_columns(board)
+        lines += ["## Post-hoc calibration", "", calibration_legend(board), ""]
+        lines += [md_table([h for _, h in cols], [[txt for txt, _ in r] for r in rows]), ""]
     front = board.table[board.table["pareto"]].sort_values("joint_rank")
     if len(front):
         lines += ["## Joint view (Pareto front)", ""]
         hdr = ["technique", "joint rank"] + [o.replace("_mean", "") for o in board.objectives]
-        body = [
-            [r["label"], f"{r['joint_rank']:.1f}"]
-            + [
-                fmt_num(o.replace("_mean", ""), r[o]) if "bytes" not in o and o != "total_s" else ""
-                for o in board.objectives
-            ]
-            for r in front.to_dict("records")
-        ]
-        for row, r in zip(body, front.to_dict("records")):  # readable units for time and memory
-            for i, o in enumerate(board.objectives):
-                if o == "total_s":
-                    row[2 + i] = fmt_time(r[o])
-                elif o == "peak_bytes":
-                    row[2 + i] = fmt_bytes(r[o])
+        body = []
+        for r in front.to_dict("records"):
+            row = [r["label"], f"{r['joint_rank']:.1f}"]
+            for o in board.objectives:
+                row.append(
+                    fmt_time(r[o])
+                    if o == "total_s"
+                    else fmt_bytes(r[o])
+                    if o == "peak_bytes"
+                    else fmt_num(board.metric if o == "mean" else o.replace("_mean", ""), r[o])
+                )
+            body.append(row)
         lines += [md_table(hdr, body), ""]
     if board.bad_runs:
         lines += ["## Failed and diverged runs", ""]
@@ -218,9 +307,30 @@ def task_markdown(board: TaskBoard, plots: dict[str, str]) -> str:
             [b.status, board_label(board, b.key), str(b.seed), _oneline(b.error), b.run_dir] for b in board.bad_runs
         ]
         lines += [md_table(["status", "technique", "seed", "error", "run dir"], body), ""]
+    if board.duplicates:
+        lines += ["## Duplicate records (same run_key: one experiment, the newest counted)", ""]
+        body = [
+            [d.dropped.run_key or "", board_label(board, d.kept.key), d.kept.path, d.dropped.path]
+            for d in board.duplicates
+        ]
+        lines += [md_table(["run_key", "technique", "counted", "not counted"], body), ""]
+    lines += ["## Runs (run directory, resolved config)", ""]
+    body = []
+    for k in board.table["key"]:
+        links = " · ".join(f"{_md_link(t, d)} ({_md_link('config', c)})" for t, d, c in run_links(board, k, base))
+        body.append(f"| {md_escape(board.labels[k])} | {links} |")
+    lines += ["| technique | runs |", "|---|---|", *body, ""]
     if plots:
         lines += ["## Plots", ""] + [f"![{name}]({path})" for name, path in plots.items()] + [""]
     return "\n".join(lines)
+
+
+def calibration_legend(board: TaskBoard) -> str:
+    return (
+        "ECE and NLL on the test split before and after each post-hoc calibrator (mean over seeds); Δ = "
+        "after-calibration mean − the baseline's uncalibrated mean, 95% Welch interval, ▲/▼ where significant "
+        f"after {CORRECTIONS[board.correction]} correction over this table (lower is better for both)."
+    )
 
 
 def board_label(board: TaskBoard, key: str) -> str:
@@ -233,41 +343,51 @@ def index_markdown(
     lines = [
         "# Leaderboards",
         "",
-        f"Generated {generated} by `{md_escape(command)}` from {lb.n_records} records ({len(lb.problems)} skipped).",
+        f"Generated {generated} by `{md_escape(command)}` from {lb.n_records} records ({len(lb.problems)} skipped"
+        + (f", {len(lb.duplicates)} duplicates not counted" if lb.duplicates else "")
+        + "). "
+        "Tasks are identified by their task key (model, data and budget as resolved); techniques by the key of "
+        f"their own configuration. p-values are {CORRECTIONS[lb.correction]}-corrected within each table.",
         "",
     ]
-    body = []
-    for b in lb.boards:
-        best = b.table.iloc[0]
-        base = b.table.loc[b.table["is_baseline"], "label"]
-        body.append(
-            [
-                f"[{b.title}]({files[b.task_id]})",
-                b.metric,
-                f"{best['label']} ({fmt_num(b.metric, best['mean'])})",
-                base.iloc[0] if len(base) else "none",
-                str(len(b.table)),
-                _status_line(b),
-            ]
-        )
-    # links are built here, so escape cell by cell without touching the link syntax
     hdr = ["task", "metric", "best", "baseline", "configurations", "runs"]
     lines += ["| " + " | ".join(hdr) + " |", "|" + "---|" * len(hdr)]
-    lines += ["| " + " | ".join([r[0].replace("|", "\\|")] + [md_escape(c) for c in r[1:]]) + " |" for r in body]
+    for b in lb.boards:
+        ranked = b.ranked
+        best = (
+            f"{md_escape(ranked.iloc[0]['label'])} ({fmt_num(b.metric, ranked.iloc[0]['mean'])})"
+            if len(ranked)
+            else f"— (no configuration has {b.min_seeds} seeds)"
+        )
+        base = b.table.loc[b.table["is_baseline"], "label"]
+        cells = [
+            _md_link(b.title, files[b.task_key]),
+            md_escape(b.metric),
+            best,
+            md_escape(base.iloc[0]) if len(base) else "none",
+            str(len(b.table)),
+            md_escape(_status_line(b)),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     if lb.profile is not None:
         lines += [
             "## Performance profile (time to target)",
             "",
-            "Fraction of tasks on which a technique reaches the target within τ× the fastest, τ ∈ [1, 4]; "
-            "score = normalised area under that curve (AlgoPerf). Not run or not reached = infinitely slow.",
+            f"Over {lb.n_profile_tasks} tasks where some configuration reached the target: fraction of the tasks "
+            "a technique was run on where it reaches the target within τ× the fastest, τ ∈ [1, 4]; score = "
+            "normalised area under that curve (AlgoPerf). A task a technique was not run on is not counted for "
+            "it; a run that did not reach the target counts as infinitely slow.",
             "",
         ]
         pr = lb.profile
         lines += [
             md_table(
-                ["technique", "score", "tasks reached"],
-                [[r.label, f"{r.score:.3f}", f"{r.reached}/{r.tasks}"] for r in pr.itertuples()],
+                ["technique", "score", "tasks run", "reached"],
+                [
+                    [r.label, f"{r.score:.3f}", f"{r.tasks}/{lb.n_profile_tasks}", f"{r.reached}/{r.tasks}"]
+                    for r in pr.itertuples()
+                ],
             ),
             "",
         ]
@@ -317,9 +437,12 @@ window.addEventListener('hashchange', sortFromHash);
 """
 
 CSS = """
-body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#222}
-table{border-collapse:collapse;margin:.5em 0 1em;font-size:12.5px}
+body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#222;max-width:100%}
+.scroll{max-width:100%;overflow-x:auto;margin:.5em 0 1em}
+table{border-collapse:collapse;font-size:12.5px}
 th,td{border:1px solid #ccc;padding:3px 6px;text-align:right;white-space:nowrap}
+td.links{white-space:normal;min-width:12em;max-width:28em;text-align:left}
+td.links a{margin-right:.4em} .note{color:#8a4b00}
 td:nth-child(2),th:nth-child(2){text-align:left}
 th{background:#f3f3f3;cursor:pointer;user-select:none}
 th[aria-sort=ascending]::after{content:" ▲"} th[aria-sort=descending]::after{content:" ▼"}
@@ -332,8 +455,12 @@ def _h(s: Any) -> str:
     return html.escape(str(s), quote=True)
 
 
-def html_table(cols, rows, classes: list[str] | None = None, table_id: str = "") -> str:
+def html_table(cols, rows, classes: list[str] | None = None, table_id: str = "", links=None) -> str:
+    """A sortable table inside its own horizontally scrolling box (the page never scrolls sideways).
+    ``links``: per row a list of (text, run dir href, config href), shown in a last "runs" column."""
     head = "".join(f'<th data-col="{_h(c)}">{_h(h)}</th>' for c, h in cols)
+    if links is not None:
+        head += '<th data-col="runs">runs (config)</th>'
     body = []
     for i, row in enumerate(rows):
         cls = f' class="{_h(classes[i])}"' if classes and classes[i] else ""
@@ -341,14 +468,22 @@ def html_table(cols, rows, classes: list[str] | None = None, table_id: str = "")
         for (c, _), (txt, v) in zip(cols, row):
             dv = "" if v is None else (_h(v) if isinstance(v, str) else repr(float(v)))
             extra = ""
-            if c == "delta" and ("▲" in txt or "▼" in txt):
+            if "delta" in c and ("▲" in txt or "▼" in txt):
                 extra = ' class="better"' if "▲" in txt else ' class="worse"'
             elif c == "n" and "⚠" in txt:
                 extra = ' class="warn"'
             cells.append(f'<td data-v="{dv}"{extra}>{_h(txt)}</td>')
+        if links is not None:
+            a = "".join(
+                f'<a href="{_h(d)}">{_h(t)}</a><a href="{_h(c)}" title="resolved config">⚙</a> ' for t, d, c in links[i]
+            )
+            cells.append(f'<td class="links" data-v="{len(links[i])}">{a}</td>')
         body.append(f"<tr{cls}>{''.join(cells)}</tr>")
     tid = f' id="{_h(table_id)}"' if table_id else ""
-    return f'<table class="sortable"{tid}><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+    return (
+        f'<div class="scroll"><table class="sortable"{tid}><thead><tr>{head}</tr></thead>'
+        f"<tbody>{''.join(body)}</tbody></table></div>"
+    )
 
 
 def _img(png: bytes | None, alt: str) -> str:
@@ -357,55 +492,92 @@ def _img(png: bytes | None, alt: str) -> str:
     return f'<img alt="{_h(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
 
 
-def render_html(lb: Leaderboard, command: str, generated: str, pngs: dict[str, dict[str, bytes]], profile_png) -> str:
+def _board_html(b: TaskBoard, base: Path, pngs: dict[str, bytes]) -> list[str]:
+    base_row = b.table.loc[b.table["is_baseline"], "label"]
+    parts = [
+        f"<section id='{_h(b.slug)}'><h2>{_h(b.title)}</h2>",
+        f"<p>Task key <code>{_h(b.task_key)}</code>. Baseline: <b>{_h(base_row.iloc[0]) if len(base_row) else 'none'}"
+        f"</b> ({_h(b.baseline_note)}). {_h(_status_line(b))}.</p>",
+    ]
+    parts += [f"<p class='note'>{_h(n)}</p>" for n in _notes(b)]
+    parts.append(f"<p class='meta'>{_h(legend(b).replace('**', ''))}</p>")
+    for sub, tid, title in ((b.ranked, f"t-{b.slug}", ""), (b.unranked, f"u-{b.slug}", "few")):
+        if not len(sub):
+            continue
+        if title:
+            parts.append(f"<h3>Fewer than {b.min_seeds} seeds (not ranked)</h3>")
+        cols, rows = columns(b, sub)
+        classes = ["baseline" if x else "" for x in sub["is_baseline"]]
+        links = [run_links(b, k, base) for k in sub["key"]]
+        parts.append(html_table(cols, rows, classes, table_id=tid, links=links))
+    if b.calibration is not None:
+        cols, rows = calibration_columns(b)
+        parts += [
+            "<h3>Post-hoc calibration</h3>",
+            f"<p class='meta'>{_h(calibration_legend(b))}</p>",
+            html_table(cols, rows, table_id=f"c-{b.slug}"),
+        ]
+    if b.bad_runs:
+        bc = [("status", "status"), ("label", "technique"), ("seed", "seed"), ("error", "error"), ("dir", "run dir")]
+        br = [
+            [(x.status, x.status), (board_label(b, x.key), None), (str(x.seed), None), (_oneline(x.error), None)]
+            + [(x.run_dir, None)]
+            for x in b.bad_runs
+        ]
+        br = [[(t, t if v is None else v) for t, v in r] for r in br]
+        parts += ["<h3>Failed and diverged runs</h3>", html_table(bc, br)]
+    if b.duplicates:
+        dc = [("run_key", "run_key"), ("label", "technique"), ("kept", "counted"), ("dropped", "not counted")]
+        dr = [
+            [
+                (d.dropped.run_key or "", None),
+                (board_label(b, d.kept.key), None),
+                (d.kept.path, None),
+                (d.dropped.path, None),
+            ]
+            for d in b.duplicates
+        ]
+        dr = [[(t, t) for t, _ in r] for r in dr]
+        parts += ["<h3>Duplicate records (same run_key: one experiment, the newest counted)</h3>", html_table(dc, dr)]
+    parts += [_img(png, f"{b.title} {name}") for name, png in pngs.items()]
+    parts.append("</section>")
+    return parts
+
+
+def render_html(
+    lb: Leaderboard,
+    command: str,
+    generated: str,
+    pngs: dict[str, dict[str, bytes]],
+    profile_png,
+    base: Path = Path("."),
+) -> str:
+    dup = f", {len(lb.duplicates)} duplicates not counted" if lb.duplicates else ""
     parts = [
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
         "<meta name='viewport' content='width=device-width,initial-scale=1'>",
         f"<title>harness leaderboard</title><style>{CSS}</style></head><body>",
         "<h1>Leaderboards</h1>",
         f"<p class='meta'>Generated <span id='generated'>{_h(generated)}</span> by <code id='command'>{_h(command)}"
-        f"</code> from <span id='records'>{lb.n_records}</span> records ({len(lb.problems)} skipped). "
-        "Click a column header to sort.</p>",
+        f"</code> from <span id='records'>{lb.n_records}</span> records ({len(lb.problems)} skipped{dup}). "
+        f"Click a column header to sort. p-values are {CORRECTIONS[lb.correction]}-corrected within each table.</p>",
         "<ul>" + "".join(f"<li><a href='#{_h(b.slug)}'>{_h(b.title)}</a></li>" for b in lb.boards) + "</ul>",
     ]
     for b in lb.boards:
-        cols, rows = columns(b)
-        classes = ["baseline" if x else "" for x in b.table["is_baseline"]]
-        base = b.table.loc[b.table["is_baseline"], "label"]
-        parts += [
-            f"<section id='{_h(b.slug)}'><h2>{_h(b.title)}</h2>",
-            f"<p>Baseline: <b>{_h(base.iloc[0]) if len(base) else 'none'}</b> ({_h(b.baseline_note)}). "
-            f"{_h(_status_line(b))}.</p>",
-            f"<p class='meta'>{_h(legend(b).replace('**', ''))}</p>",
-            html_table(cols, rows, classes, table_id=f"t-{b.slug}"),
-        ]
-        if b.bad_runs:
-            bc = [
-                ("status", "status"),
-                ("label", "technique"),
-                ("seed", "seed"),
-                ("error", "error"),
-                ("dir", "run dir"),
-            ]
-            br = [
-                [(x.status, x.status), (board_label(b, x.key), None), (str(x.seed), None), (_oneline(x.error), None)]
-                + [(x.run_dir, None)]
-                for x in b.bad_runs
-            ]
-            br = [[(t, t if v is None else v) for t, v in r] for r in br]
-            parts += ["<h3>Failed and diverged runs</h3>", html_table(bc, br)]
-        parts += [_img(png, f"{b.title} {name}") for name, png in pngs.get(b.task_id, {}).items()]
-        parts.append("</section>")
+        parts += _board_html(b, base, pngs.get(b.task_key, {}))
     if lb.profile is not None:
-        pc = [("label", "technique"), ("score", "score"), ("reached", "tasks reached")]
+        n = lb.n_profile_tasks
+        pc = [("label", "technique"), ("score", "score"), ("tasks", "tasks run"), ("reached", "reached")]
         pr = [
-            [(r.label, r.label.lower()), (f"{r.score:.3f}", r.score), (f"{r.reached}/{r.tasks}", r.reached)]
+            [(r.label, r.label.lower()), (f"{r.score:.3f}", r.score), (f"{r.tasks}/{n}", r.tasks)]
+            + [(f"{r.reached}/{r.tasks}", r.reached)]
             for r in lb.profile.itertuples()
         ]
         parts += [
             "<section id='profile'><h2>Performance profile (time to target)</h2>",
-            "<p class='meta'>Fraction of tasks on which a technique reaches the target within τ× the fastest, "
-            "τ ∈ [1, 4]; score = normalised area under the curve (AlgoPerf).</p>",
+            f"<p class='meta'>Over {n} tasks: fraction of the tasks a technique was run on where it reaches the "
+            "target within τ× the fastest, τ ∈ [1, 4]; score = normalised area under the curve (AlgoPerf). Tasks "
+            "a technique was not run on are not counted for it.</p>",
             html_table(pc, pr),
             _img(profile_png, "performance profile"),
             "</section>",
@@ -439,8 +611,8 @@ def write_all(
 
         pdir = out / "plots"
         for b, done in zip(lb.boards, _task_plots_parallel(lb, pdir, cache)):
-            pngs[b.task_id] = {name: png for name, (_, png) in done.items()}
-            rel[b.task_id] = {name: f"plots/{stem.name}.png" for name, (stem, _) in done.items()}
+            pngs[b.task_key] = {name: png for name, (_, png) in done.items()}
+            rel[b.task_key] = {name: f"plots/{stem.name}.png" for name, (stem, _) in done.items()}
             written += [s.with_suffix(x) for s, _ in done.values() for x in (".png", ".svg")]
         profile_png = P.plot_profile(lb, pdir / "performance_profile")
         if profile_png:
@@ -449,8 +621,8 @@ def write_all(
         files = {}
         for b in lb.boards:
             p = out / f"{b.slug}.md"
-            atomic_write_text(p, task_markdown(b, rel.get(b.task_id, {})))
-            files[b.task_id] = p.name
+            atomic_write_text(p, task_markdown(b, rel.get(b.task_key, {}), out))
+            files[b.task_key] = p.name
             written.append(p)
         p = out / "README.md"
         atomic_write_text(
@@ -467,7 +639,7 @@ def write_all(
             written.append(p)
     if "html" in formats:
         p = out / "index.html"
-        atomic_write_text(p, render_html(lb, command, generated, pngs, profile_png))
+        atomic_write_text(p, render_html(lb, command, generated, pngs, profile_png, out))
         written.append(p)
     return written
 
