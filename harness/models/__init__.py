@@ -1,20 +1,26 @@
-"""Model registry. ``build_model(cfg.model, data)`` returns an ``nn.Module`` for the dataset's
-input shape and number of classes (or vocabulary size).
+"""Models. ``build_model(cfg.model, data)`` returns an ``nn.Module`` for the dataset's input shape
+and number of classes (or vocabulary size).
 
-Builders have the signature ``fn(cfg, data: DataBundle) -> nn.Module``. A model may define
-``flops_per_sample()`` (forward+backward FLOPs per sample, or per token for language models);
-otherwise ``harness.models.flops.estimate_flops`` counts them with torch's FLOP counter.
+``conf/model/<name>.yaml`` names a builder ``fn(data: DataBundle, *, <hyper-parameters>) -> nn.Module``
+in ``_target_`` (``harness.models.resnet.resnet``, ``.vit.vit``, ``.gpt2.gpt``, ...) and holds its
+hyper-parameters; ``hydra.utils.instantiate(..., _partial_=True)`` binds them and the data bundle is
+passed at run time. ``name`` and ``family`` (``harness.schemas.ModelConfig``) are the harness's keys.
+A model may define ``flops_per_sample()`` (forward+backward FLOPs per sample, or per token for
+language models); otherwise ``harness.models.flops.estimate_flops`` counts them with torch's FLOP counter.
 """
 
 from __future__ import annotations
 
-from harness.models.registry import MODELS
+from torch import nn
+
+from harness import build
 
 
-def build_model(cfg, data):
-    return MODELS.get(cfg.name)(cfg, data)
+def build_model(cfg, data) -> nn.Module:
+    h, params = build.split("model", build.spec_of("model", cfg))
+    label = h.name or str(params.get("_target_"))
+    factory = build.instantiate("model", params, label, partial=True)
+    return build.call("model", label, factory, data)
 
 
-from harness.models import gpt2, resnet, vit  # noqa: E402,F401  (register)
-
-__all__ = ["MODELS", "build_model"]
+__all__ = ["build_model"]

@@ -28,7 +28,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.errors import ConfigError
-from harness.models.registry import MODELS
 
 
 def layer_norm(dim: int, bias: bool = True) -> nn.Module:
@@ -157,13 +156,23 @@ class GPT(nn.Module):
         return logits[..., : self.vocab_size] if self.padded_vocab != self.vocab_size else logits
 
 
-def build_gpt(cfg, data) -> GPT:
+def gpt(
+    data,
+    *,
+    n_layer: int,
+    n_head: int,
+    n_embd: int,
+    block_size: int | None,
+    dropout: float,
+    bias: bool,
+    pad_vocab_to: int,
+) -> GPT:
+    """``conf/model/gpt2_*.yaml``: a GPT-2 for the dataset's vocabulary; ``block_size`` null: its context."""
     if data.task != "lm":
         raise ConfigError(
-            f"model={cfg.name} is a language model; dataset {data.name!r} is {data.task!r}, not 'lm' (use e.g. dataset=wikitext2)"
+            f"GPT-2 is a language model; dataset {data.name!r} is {data.task!r}, not 'lm' (use e.g. dataset=wikitext2)"
         )
     context = int(data.input_shape[0])
-    block_size = cfg.get("block_size")
     block_size = context if block_size is None else int(block_size)
     if block_size < context:
         raise ConfigError(
@@ -172,18 +181,11 @@ def build_gpt(cfg, data) -> GPT:
     return GPT(
         vocab_size=int(data.num_classes),
         block_size=block_size,
-        n_layer=int(cfg.n_layer),
-        n_head=int(cfg.n_head),
-        n_embd=int(cfg.n_embd),
-        dropout=float(cfg.get("dropout", 0.0)),
-        bias=bool(cfg.get("bias", True)),
-        pad_vocab_to=int(cfg.get("pad_vocab_to", 64) or 1),
+        n_layer=int(n_layer),
+        n_head=int(n_head),
+        n_embd=int(n_embd),
+        dropout=float(dropout),
+        bias=bool(bias),
+        pad_vocab_to=int(pad_vocab_to or 1),
         train_context=context,
     )
-
-
-for _name, _desc in (
-    ("gpt2_small", "GPT-2 124M: 12 layers, 12 heads, 768 wide, context 1024, tied embeddings"),
-    ("gpt2_tiny", "GPT-2 architecture, 2 layers, 4 heads, 128 wide: CPU tests"),
-):
-    MODELS.register(_name, _desc, "Radford et al. 2019")(build_gpt)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torchvision.models import resnet as tv
 
-from harness.models.registry import MODELS
+from harness.errors import ConfigError
 
 _LAYOUTS = {
     "resnet18": (tv.BasicBlock, [2, 2, 2, 2]),
@@ -33,15 +33,19 @@ def make_resnet(name: str, num_classes: int, in_channels: int, image_size: int, 
     return model
 
 
-for _name in _LAYOUTS:
+STEMS = ("auto", "cifar", "imagenet")
 
-    def _build(cfg, data, _name=_name):
-        c, h, _ = data.input_shape
-        return make_resnet(_name, data.num_classes, c, h, cfg.get("stem", "auto"))
 
-    MODELS.register(_name, f"{_name} (CIFAR stem below 64 px, torchvision ImageNet variant above)", "He et al. 2016")(
-        _build
-    )
+def resnet(data, *, arch: str, stem: str) -> tv.ResNet:
+    """``conf/model/resnet*.yaml``: ResNet ``arch`` for the dataset's images and classes."""
+    if arch not in _LAYOUTS:
+        raise ConfigError(f"model.arch={arch!r}; valid choices: {', '.join(_LAYOUTS)}")
+    if stem not in STEMS:
+        raise ConfigError(f"model.stem={stem!r}; valid choices: {', '.join(STEMS)}")
+    if data.task != "classification" or len(data.input_shape) != 3:
+        raise ConfigError(f"{arch} needs images (C, H, W); dataset {data.name!r} gives {data.task} data")
+    c, h, _ = data.input_shape
+    return make_resnet(arch, data.num_classes, c, h, stem)
 
 
 class SmallCNN(nn.Module):
@@ -63,6 +67,8 @@ class SmallCNN(nn.Module):
         return self.fc(torch.flatten(self.pool(self.features(x)), 1))
 
 
-@MODELS.register("small_cnn", "3-stage conv-BN-ReLU CNN for the quickstart", "")
-def build_small_cnn(cfg, data):
-    return SmallCNN(data.input_shape[0], data.num_classes, int(cfg.get("width", 32)))
+def small_cnn(data, *, width: int) -> SmallCNN:
+    """``conf/model/small_cnn.yaml``: the quickstart CNN for the dataset's channels and classes."""
+    if int(width) < 1:
+        raise ConfigError(f"model.width={width} must be a positive integer")
+    return SmallCNN(data.input_shape[0], data.num_classes, int(width))

@@ -17,7 +17,6 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from harness.errors import ConfigError
-from harness.models.registry import MODELS
 
 POOLS = ("token", "avg")
 
@@ -52,19 +51,30 @@ class ViT(VisionTransformer):
         return {n: m for n, m in self.named_modules() if isinstance(m, nn.LayerNorm)}
 
 
-def make_vit(cfg, data) -> ViT:
+def vit(
+    data,
+    *,
+    embed_dim: int,
+    depth: int,
+    num_heads: int,
+    mlp_ratio: float,
+    patch_size: int | str,
+    pool: str,
+    drop_rate: float,
+    drop_path_rate: float,
+) -> ViT:
+    """``conf/model/vit_*.yaml``: a ViT for the dataset's images and classes."""
     if data.task != "classification" or len(data.input_shape) != 3:
         raise ConfigError(
-            f"model={cfg.name} needs images (C, H, W); dataset {data.name!r} gives {data.task} data of shape {data.input_shape}"
+            f"a ViT needs images (C, H, W); dataset {data.name!r} gives {data.task} data of shape {data.input_shape}"
         )
     c, h, w = data.input_shape
-    patch = cfg.get("patch_size", "auto")
-    patch = auto_patch_size(min(h, w)) if patch in (None, "auto") else int(patch)
+    patch = auto_patch_size(min(h, w)) if patch_size in (None, "auto") else int(patch_size)
     if h % patch or w % patch:
         raise ConfigError(
             f"model.patch_size={patch} does not divide the {h}x{w} input; choose a divisor or patch_size=auto"
         )
-    pool = str(cfg.get("pool", "token"))
+    pool = str(pool)
     if pool not in POOLS:
         raise ConfigError(f"model.pool={pool!r}; valid choices: {', '.join(POOLS)}")
     return ViT(
@@ -74,23 +84,11 @@ def make_vit(cfg, data) -> ViT:
         num_classes=data.num_classes,
         global_pool=pool,
         class_token=pool == "token",
-        embed_dim=int(cfg.embed_dim),
-        depth=int(cfg.depth),
-        num_heads=int(cfg.num_heads),
-        mlp_ratio=float(cfg.get("mlp_ratio", 4.0)),
+        embed_dim=int(embed_dim),
+        depth=int(depth),
+        num_heads=int(num_heads),
+        mlp_ratio=float(mlp_ratio),
         qkv_bias=True,
-        drop_rate=float(cfg.get("drop_rate", 0.0)),
-        drop_path_rate=float(cfg.get("drop_path_rate", 0.0)),
+        drop_rate=float(drop_rate),
+        drop_path_rate=float(drop_path_rate),
     )
-
-
-MODELS.register(
-    "vit_tiny",
-    "ViT-Tiny (DeiT-Ti: 192 wide, 12 blocks, 3 heads) via timm",
-    "Dosovitskiy et al. 2021; Touvron et al. 2021",
-)(make_vit)
-MODELS.register(
-    "vit_small",
-    "ViT-Small (DeiT-S: 384 wide, 12 blocks, 6 heads) via timm",
-    "Dosovitskiy et al. 2021; Touvron et al. 2021",
-)(make_vit)
