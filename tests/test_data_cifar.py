@@ -13,7 +13,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from harness.data import DATASETS, build_dataset, download
+from harness.data import build_dataset, download
 from harness.data import cifar as cifar_mod
 from harness.errors import DataMissingError
 
@@ -117,7 +117,7 @@ def _offline(monkeypatch):
 def test_missing_offline_says_where_to_put_files(tmp_path, monkeypatch, name, folder):
     calls = _offline(monkeypatch)
     with pytest.raises(DataMissingError) as e:
-        DATASETS.get(name)(cfg(name), tmp_path, torch.device("cpu"), 0)
+        build_dataset(cfg(name), tmp_path, torch.device("cpu"), 0)
     msg = str(e.value)
     url = cifar_mod.SPECS[name]["url"]
     assert str(tmp_path / folder) in msg and url in msg and cifar_mod.SPECS[name]["md5"] in msg
@@ -141,10 +141,10 @@ def test_download_verifies_md5_then_extracts(tmp_path, monkeypatch):
     data_dir = tmp_path / "data"
     # the real md5 does not match the fake archive: refused, and the bad archive is deleted
     with pytest.raises(DataMissingError, match="md5 mismatch"):
-        DATASETS.get("cifar10")(cfg("cifar10"), data_dir, torch.device("cpu"), 0)
+        build_dataset(cfg("cifar10"), data_dir, torch.device("cpu"), 0)
     assert not (data_dir / "cifar-10-python.tar.gz").exists() and not (data_dir / "cifar-10-batches-py").exists()
     monkeypatch.setitem(cifar_mod.SPECS["cifar10"], "md5", md5)
-    b = DATASETS.get("cifar10")(cfg("cifar10"), data_dir, torch.device("cpu"), 0)
+    b = build_dataset(cfg("cifar10"), data_dir, torch.device("cpu"), 0)
     assert len(b.train) == 20 and len(b.test) == 6
     assert not (data_dir / "cifar-10-python.tar.gz").exists()  # archive removed after unpacking
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from harness.data.base import DataBundle, DeviceImageSplit, split_off_validation
-from harness.data.registry import DATASETS
+from harness.errors import ConfigError
 
 
 def load_digits_tensors() -> tuple[torch.Tensor, torch.Tensor]:
@@ -18,16 +18,18 @@ def load_digits_tensors() -> tuple[torch.Tensor, torch.Tensor]:
     return images, torch.from_numpy(d.target).long()
 
 
-@DATASETS.register("digits", "scikit-learn 8x8 digits, 1,797 images, fixed 1,437/360 split", "Alpaydin & Kaynak 1998")
-def build_digits(cfg, data_dir, device, seed) -> DataBundle:
+def digits(data_dir, device, seed, *, train_size: int, val_size: int, crop_padding: int) -> DataBundle:
+    """``conf/dataset/digits.yaml``: scikit-learn's 8x8 digits (Alpaydin & Kaynak 1998), a fixed split."""
     images, labels = load_digits_tensors()
-    # fixed split, independent of the run seed: the first 1,437 images train, the last 360 test
-    n_train = int(cfg.get("train_size", 1437))
+    # fixed split, independent of the run seed: the first train_size images train, the rest test
+    n_train = int(train_size)
+    if not 0 < n_train < len(images):
+        raise ConfigError(f"dataset.train_size={train_size} must be in [1, {len(images) - 1}]")
     mean, std = (0.3053,), (0.3759,)
-    pad = int(cfg.get("crop_padding", 0))
+    pad = int(crop_padding)
     train = DeviceImageSplit(images[:n_train], labels[:n_train], mean, std, crop_padding=pad, device=device)
     test = DeviceImageSplit(images[n_train:], labels[n_train:], mean, std, device=device)
-    train, val = split_off_validation(train, int(cfg.get("val_size", 0)), seed=0)
+    train, val = split_off_validation(train, int(val_size), seed=0)
     return DataBundle(
         name="digits",
         task="classification",
