@@ -15,6 +15,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from harness.errors import INFRA_ERRNOS, InfraFault, describe_os_error
+
 SCHEMA_VERSION = 1
 RECORD_NAME = "result.json"
 
@@ -35,24 +37,53 @@ VOLATILE_KEYS = ("results_dir", "data_dir", "resume", "logger", "sweep")
 TRAINER_BOOKKEEPING = ("eval_every", "checkpoint_every", "log_every", "progress", "target")
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` through a temp file in the same directory and a rename, so a
-    reader never sees a half-written file and a crash never truncates an existing one."""
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The mode ``open()`` gives a new file under the current umask (0644 under umask 022);
+    ``tempfile.mkstemp`` would give 0600, unreadable for the group on a shared results dir."""
+    return 0o666 & ~_umask()
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temp file in the same directory and a rename, so a
+    reader never sees a half-written file and a crash (or a full disk) never truncates an existing
+    one. The file gets the umask's mode. A full disk or an I/O error raises ``InfraFault`` naming
+    the path (``no space left on <path> (ENOSPC)``); the previous file stays as it was."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        if e.errno in INFRA_ERRNOS:
+            raise InfraFault(e.errno, describe_os_error(e, path.parent)) from e
+        raise
+    try:
+        os.fchmod(fd, file_mode())
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno in INFRA_ERRNOS:
+            raise InfraFault(e.errno, describe_os_error(e, path)) from e
         raise
 
 
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """``atomic_write_bytes`` of UTF-8 text."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
 def write_record(run_dir: str | os.PathLike, record: dict[str, Any]) -> Path:
+    """Write ``result.json`` atomically. Raises ``InfraFault`` on a full disk (the record that was
+    there before, if any, is kept)."""
     path = Path(run_dir) / RECORD_NAME
     atomic_write_text(path, json.dumps(record, indent=2, sort_keys=False, default=_json_default) + "\n")
     return path

@@ -15,7 +15,7 @@ import torch
 from harness.data import download
 from harness.data.base import DataBundle, DeviceImageSplit, split_off_validation
 from harness.data.registry import DATASETS
-from harness.errors import DataMissingError
+from harness.errors import DataCorruptError, DataMissingError
 
 SPECS = {
     "cifar10": dict(
@@ -47,19 +47,104 @@ SPECS = {
 }
 
 
+# The only globals the official batch files (Python 2 pickles of dicts of numpy arrays, lists, ints
+# and bytes) and re-pickled copies of them (protocols 2 to 5, numpy 1.x or 2.x) refer to. Anything
+# else (os.system, builtins.eval, ...) would run code while unpickling, so it is refused.
+_NUMPY_GLOBALS = {
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    ("numpy.core.multiarray", "_reconstruct"): "multiarray._reconstruct",
+    ("numpy._core.multiarray", "_reconstruct"): "multiarray._reconstruct",
+    ("numpy.core.multiarray", "scalar"): "multiarray.scalar",
+    ("numpy._core.multiarray", "scalar"): "multiarray.scalar",
+    ("numpy.core.numeric", "_frombuffer"): "numeric._frombuffer",
+    ("numpy._core.numeric", "_frombuffer"): "numeric._frombuffer",
+    ("_codecs", "encode"): "codecs.encode",  # bytes pickled by Python 3 with protocol 2
+}
+
+
+def _numpy_internal(name: str):
+    import codecs
+    import importlib
+
+    if name == "codecs.encode":
+        return codecs.encode
+    module, attr = name.split(".")
+    for prefix in ("numpy._core", "numpy.core"):
+        try:
+            return getattr(importlib.import_module(f"{prefix}.{module}"), attr)
+        except (ImportError, AttributeError):
+            continue
+    raise pickle.UnpicklingError(f"numpy has no {name}")
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """Unpickles only what the CIFAR format uses: dicts, lists, ints, bytes, str and numpy arrays."""
+
+    def find_class(self, module: str, name: str):
+        target = _NUMPY_GLOBALS.get((module, name))
+        if target is None:
+            raise pickle.UnpicklingError(
+                f"refused to load {module}.{name}: a CIFAR batch holds only numpy arrays, lists, bytes and ints"
+            )
+        return _numpy_internal(target) if isinstance(target, str) else target
+
+
+def _corrupt(path: Path, reason: str) -> DataCorruptError:
+    folder = path.parent
+    return DataCorruptError(
+        f"{path} is not a readable CIFAR batch file ({reason}). Delete {folder} and run again to download and "
+        f"md5-check a fresh copy (offline: unpack the official archive into {folder.parent}; see datasets/README.md)."
+    )
+
+
 def _unpickle(path: Path) -> dict:
-    with open(path, "rb") as f:
-        return pickle.load(f, encoding="bytes")
+    """One batch file, unpickled without executing code (``_BatchUnpickler``). Anything that is not
+    a dict in the official format raises ``DataCorruptError`` naming the file and how to replace it."""
+    try:
+        if path.stat().st_size == 0:
+            raise _corrupt(path, "the file is empty")
+        with open(path, "rb") as f:
+            d = _BatchUnpickler(f, encoding="bytes").load()
+    except pickle.UnpicklingError as e:
+        raise _corrupt(path, f"UnpicklingError: {e}") from e
+    except EOFError as e:
+        raise _corrupt(path, "the file ends too early: truncated") from e
+    except (ValueError, TypeError, AttributeError, IndexError, KeyError, MemoryError) as e:
+        raise _corrupt(path, f"{type(e).__name__}: {e}") from e
+    if not isinstance(d, dict):
+        raise _corrupt(path, f"it holds a {type(d).__name__}, not a dict")
+    return d
 
 
 def read_batches(root: Path, files: list[str], label_key: bytes) -> tuple[torch.Tensor, torch.Tensor]:
     """Concatenate official batch files into uint8 (N, 3, 32, 32) images and int64 labels."""
     images, labels = [], []
     for name in files:
-        d = _unpickle(root / name)
-        images.append(np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-        labels.append(np.asarray(d[label_key], dtype=np.int64))
+        path = root / name
+        d = _unpickle(path)
+        try:
+            data = np.asarray(d[b"data"], dtype=np.uint8)
+            if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+                raise ValueError(f"data has shape {data.shape}, expected (N, 3072)")
+            y = np.asarray(d[label_key], dtype=np.int64).reshape(-1)
+            if len(y) != len(data):
+                raise ValueError(f"{len(data)} images but {len(y)} labels")
+        except KeyError as e:
+            raise _corrupt(path, f"no {e.args[0]!r} entry") from e
+        except (ValueError, TypeError) as e:
+            raise _corrupt(path, str(e)) from e
+        images.append(data.reshape(-1, 3, 32, 32))
+        labels.append(y)
     return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels))
+
+
+def read_class_names(path: Path, names_key: bytes) -> list[str]:
+    d = _unpickle(path)
+    try:
+        return [n.decode() if isinstance(n, bytes) else str(n) for n in d[names_key]]
+    except (KeyError, TypeError, UnicodeDecodeError) as e:
+        raise _corrupt(path, f"no readable {names_key!r} entry") from e
 
 
 def ensure_cifar(name: str, data_dir: Path) -> Path:
@@ -82,7 +167,7 @@ def build_cifar(name: str, cfg, data_dir: Path, device, seed: int) -> DataBundle
     root = ensure_cifar(name, data_dir)
     x_train, y_train = read_batches(root, s["train"], s["label_key"])
     x_test, y_test = read_batches(root, s["test"], s["label_key"])
-    class_names = [n.decode() for n in _unpickle(root / s["meta"])[s["names_key"]]]
+    class_names = read_class_names(root / s["meta"], s["names_key"])
     mean = tuple(cfg.get("mean") or s["mean"])
     std = tuple(cfg.get("std") or s["std"])
     aug = dict(crop_padding=int(cfg.get("crop_padding", 4)), flip=bool(cfg.get("flip", True)))

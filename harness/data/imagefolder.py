@@ -30,7 +30,7 @@ from torchvision.transforms import functional as TF
 from harness.data import download
 from harness.data.base import DataBundle, epoch_generator, split_off_validation
 from harness.data.registry import DATASETS
-from harness.errors import ConfigError, DataMissingError
+from harness.errors import ConfigError, DataCorruptError, DataMissingError
 from harness.hooks import Batch
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -48,8 +48,19 @@ class _Images(Dataset):
     def __getitem__(self, item):
         i, aug_seed = item
         path, label = self.samples[i]
-        with Image.open(path) as im:
-            im = im.convert("RGB")
+        try:
+            with Image.open(path) as im:
+                im = im.convert("RGB")
+        except (
+            OSError,
+            SyntaxError,
+            ValueError,
+            Image.DecompressionBombError,
+        ) as e:  # PIL: UnidentifiedImageError, truncated
+            raise DataCorruptError(
+                f"{path} is not a readable image ({type(e).__name__}: {e}). Delete or replace it (re-download or "
+                "re-extract the dataset; see datasets/README.md) and run again."
+            ) from e
         x = self.transform(im) if aug_seed is None else self.transform(im, random.Random(aug_seed))
         return x, label, i
 
@@ -165,10 +176,25 @@ class FolderSplit:
     def batches(self, batch_size: int, *, train: bool, epoch: int = 0, seed: int = 0) -> Iterator[Batch]:
         loader = self._loader(batch_size, train)
         loader.sampler.seed, loader.sampler.epoch = seed, epoch
-        for x, y, idx in loader:
+        for x, y, idx in _reraise_corrupt(loader):
             x = x.to(self.device, non_blocking=True)
             x = (x.float() - self.mean) / self.std
             yield Batch(x=x, y=y.to(self.device, non_blocking=True), index=idx.to(self.device, non_blocking=True))
+
+
+def _reraise_corrupt(loader: DataLoader) -> Iterator:
+    """A damaged image found in a worker arrives wrapped in the worker's traceback; raise it again
+    with just its message (which names the file)."""
+    it = iter(loader)
+    while True:
+        try:
+            item = next(it)
+        except StopIteration:
+            return
+        except DataCorruptError as e:
+            lines = [ln for ln in str(e).splitlines() if ln.startswith(f"{DataCorruptError.__module__}.")]
+            raise DataCorruptError(lines[-1].split(": ", 1)[1] if lines else str(e)) from None
+        yield item
 
 
 # -- helpers ------------------------------------------------------------------------------------------------

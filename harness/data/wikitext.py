@@ -29,7 +29,7 @@ from harness.data import download
 from harness.data.base import DataBundle
 from harness.data.registry import DATASETS
 from harness.data.tokens import TokenSplit, smallest_uint, unigram_model_perplexity, unigram_perplexity
-from harness.errors import ConfigError, DataMissingError
+from harness.errors import ConfigError, DataCorruptError, DataMissingError
 
 SPLITS = ("train", "valid", "test")
 TOKENIZERS = ("word", "byte", "gpt2")
@@ -156,16 +156,69 @@ def cache_paths(files: dict[str, Path], tokenizer: str) -> tuple[dict[str, Path]
     return {s: d / f"{tokenizer}-{key}.{s}.npy" for s in SPLITS}, d / f"{tokenizer}-{key}.json"
 
 
+def _corrupt(path: Path, reason: str) -> DataCorruptError:
+    return DataCorruptError(
+        f"{path} is damaged ({reason}). Delete {path.parent} and run again to download a fresh copy (offline: "
+        f"unpack the official zip into {path.parent.parent}; see datasets/README.md)."
+    )
+
+
+def check_text_files(files: dict[str, Path]) -> None:
+    """Cheap checks of every split file before tokenizing: not empty, and ending with a newline as
+    every official WikiText file does (a file cut short by an interrupted copy usually does not)."""
+    for path in files.values():
+        size = path.stat().st_size
+        if size == 0:
+            raise _corrupt(path, "the file is empty")
+        with open(path, "rb") as f:
+            f.seek(size - 1)
+            if f.read(1) != b"\n":
+                raise _corrupt(path, f"it ends mid-line after {size:,} bytes: truncated")
+
+
+def _undecodable(files: dict[str, Path]) -> tuple[Path, UnicodeDecodeError] | None:
+    for path in files.values():
+        try:
+            with open(path, encoding="utf-8") as f:
+                while f.read(1 << 22):
+                    pass
+        except UnicodeDecodeError as e:
+            return path, e
+    return None
+
+
+def _load_cache(arrays: dict[str, Path], info: Path):
+    """The cached token ids, or None when the cache is absent or unreadable (it is rebuilt)."""
+    if not (info.is_file() and all(p.is_file() for p in arrays.values())):
+        return None
+    try:
+        meta = json.loads(info.read_text())
+        return {s: np.load(p) for s, p in arrays.items()}, int(meta["vocab_size"]), meta.get("vocab")
+    except (OSError, ValueError, KeyError, TypeError, EOFError) as e:
+        print(f"[harness] the token cache {info.parent} is unreadable ({e}); tokenizing again", file=sys.stderr)
+        return None
+
+
 def load_tokens(
     files: dict[str, Path], tokenizer: str, log=print
 ) -> tuple[dict[str, np.ndarray], int, list | None, bool]:
-    """Token ids per split, vocabulary size, vocabulary (word) and whether the cache was used."""
+    """Token ids per split, vocabulary size, vocabulary (word) and whether the cache was used.
+    A damaged split file (empty, truncated, not UTF-8) raises ``DataCorruptError`` naming it."""
+    check_text_files(files)
     arrays, info = cache_paths(files, tokenizer)
-    if info.is_file() and all(p.is_file() for p in arrays.values()):
-        meta = json.loads(info.read_text())
-        return {s: np.load(p) for s, p in arrays.items()}, meta["vocab_size"], meta.get("vocab"), True
+    cached = _load_cache(arrays, info)
+    if cached is not None:
+        return (*cached, True)
     log(f"[harness] tokenizing {files['train'].parent} with the {tokenizer} tokenizer (cached for later runs)")
-    ids, vocab_size, vocab = TOKENIZE[tokenizer](files)
+    try:
+        ids, vocab_size, vocab = TOKENIZE[tokenizer](files)
+    except UnicodeDecodeError as e:
+        bad = _undecodable(files)
+        path, err = bad if bad else (files["train"], e)
+        raise _corrupt(path, f"not UTF-8 text at byte {err.start:,}") from e
+    for split, a in ids.items():
+        if len(a) < 2:
+            raise _corrupt(files[split], f"it holds {len(a)} token(s)")
     ids = {s: a.astype(smallest_uint(vocab_size)) for s, a in ids.items()}
     try:
         info.parent.mkdir(exist_ok=True)
