@@ -3,6 +3,7 @@ any work: a bad value fails with a message naming it, not halfway through a run.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +13,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
 
 from harness.errors import ConfigError
+from harness.schemas import DatasetConfig, ModelConfig, OptimizerConfig, ScheduleConfig, group_defaults
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 GROUPS = (
@@ -27,24 +29,54 @@ GROUPS = (
     "regularization",
     "calibration",
     "quantization",
-    "experiment",
+    "task",
 )
 
 
 @dataclass
 class TrainerConfig:
+    """The training loop's settings. The budget (epochs / max_steps, batch sizes) is set by the task
+    (conf/task/<name>.yaml); these are the fallbacks of a task that does not set them."""
+
     epochs: int = 30
-    max_steps: Any = None  # int: stop after this many optimizer steps (overrides epochs for the budget)
-    batch_size: int = 128
-    eval_batch_size: int = 1024
-    eval_every: int = 1  # epochs between evaluations on the test split (the last epoch is always evaluated)
+    max_steps: int | None = None  # stop after this many optimizer steps (replaces epochs as the budget)
+    batch_size: int = 128  # global batch per optimizer step (all ranks, all accumulation micro-batches)
+    grad_accum_steps: int = 1  # micro-batches per optimizer step: each holds batch_size / grad_accum_steps samples
+    eval_batch_size: int = 256
+    eval_every: int = 1  # epochs between evaluations on the validation split (the last epoch is always evaluated)
     checkpoint_every: int = 1  # epochs between checkpoints; 0 disables checkpoints
     log_every: int = 50  # steps between progress updates (each one reads the loss from the device)
     compile: bool = False
     channels_last: bool = True  # CNNs on CUDA only
-    target: Any = None  # test metric whose first crossing is timed (accuracy, or perplexity for LMs)
     progress: str = "auto"  # auto | bar | plain | none
-    deterministic: bool = False  # torch.use_deterministic_algorithms on GPU (slower)
+    deterministic: bool = False  # torch.use_deterministic_algorithms and no cudnn autotuning (slower on GPU)
+    memory_check: bool = True  # refuse a run whose estimated peak memory exceeds the device's before data loads
+
+
+@dataclass
+class BaselineConfig:
+    optimizer: str = "sgd"
+    schedule: str = "cosine"
+    lr: float | None = None  # applied when the run uses the baseline optimizer and does not set optimizer.lr
+    weight_decay: float | None = None
+
+
+@dataclass
+class TaskConfig:
+    """A task: model x dataset x budget, the metric decisions are read on and the baseline recipe.
+    ``conf/task/<name>.yaml`` sets these and the model, dataset and trainer budget of the task."""
+
+    name: str = MISSING
+    description: str = ""
+    model: str = MISSING  # the model and dataset choices the task was defined with
+    dataset: str = MISSING
+    metric: str = "acc"  # acc | ppl (any metric the evaluation reports without its split prefix)
+    direction: str = "max"  # max | min: whether a larger metric is better
+    split: str = "val"  # decisions (time to target, selection, calibration fitting) read this split
+    report_split: str = "test"  # the reported number
+    target: float | None = None  # time to target: first evaluation whose <split>_<metric> reaches it
+    min_seeds: int = 3  # leaderboards and studies rank a configuration only with at least this many seeds
+    baseline: BaselineConfig = field(default_factory=BaselineConfig)
 
 
 @dataclass
@@ -54,10 +86,11 @@ class SweepConfig:
 
 @dataclass
 class RootConfig:
-    model: Any = MISSING
-    dataset: Any = MISSING
-    optimizer: Any = MISSING
-    schedule: Any = MISSING
+    # open nodes that start from their group's typed defaults (see harness.schemas); the choice's YAML adds its keys
+    model: Any = field(default_factory=group_defaults(ModelConfig))
+    dataset: Any = field(default_factory=group_defaults(DatasetConfig))
+    optimizer: Any = field(default_factory=group_defaults(OptimizerConfig))
+    schedule: Any = field(default_factory=group_defaults(ScheduleConfig))
     precision: Any = MISSING
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: Any = MISSING
@@ -66,7 +99,7 @@ class RootConfig:
     regularization: Any = None
     calibration: Any = None
     quantization: Any = None
-    baseline: Any = None  # the task's baseline technique, set by experiment presets
+    task: TaskConfig = field(default_factory=TaskConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     seed: int = 0
     data_dir: str = "datasets"
@@ -82,17 +115,35 @@ def register_schema() -> None:
 def validate(cfg: DictConfig) -> None:
     """Range checks the type schema cannot express. Raises ConfigError naming the bad value."""
     t = cfg.trainer
-    for key in ("epochs", "batch_size", "eval_batch_size", "eval_every", "log_every"):
+    for key in ("epochs", "batch_size", "eval_batch_size", "eval_every", "log_every", "grad_accum_steps"):
         if t[key] is None or int(t[key]) < 1:
             raise ConfigError(f"trainer.{key}={t[key]} must be a positive integer")
+    if int(t.batch_size) % int(t.grad_accum_steps):
+        raise ConfigError(
+            f"trainer.batch_size={t.batch_size} must be divisible by trainer.grad_accum_steps={t.grad_accum_steps}"
+        )
     if int(t.checkpoint_every) < 0:
         raise ConfigError(f"trainer.checkpoint_every={t.checkpoint_every} must be >= 0 (0 disables checkpoints)")
     if t.max_steps is not None and (not isinstance(t.max_steps, int) or t.max_steps < 1):
         raise ConfigError(f"trainer.max_steps={t.max_steps} must be a positive integer or null")
     if t.progress not in ("auto", "bar", "plain", "none"):
         raise ConfigError(f"trainer.progress={t.progress!r}; valid choices: auto, bar, plain, none")
+    validate_task(cfg.task)
     if cfg.precision.name not in ("auto", "fp32", "bf16", "fp16"):
         raise ConfigError(f"precision={cfg.precision.name!r}; valid choices: auto, bf16, fp16, fp32")
+
+
+def validate_task(task: DictConfig) -> None:
+    if task.direction not in ("max", "min"):
+        raise ConfigError(f"task.direction={task.direction!r}; valid choices: max, min")
+    if task.split not in ("val", "test"):
+        raise ConfigError(f"task.split={task.split!r}; valid choices: val (test is for the report only)")
+    if task.split == "test":
+        raise ConfigError("task.split=test would take decisions on the test split; use task.split=val")
+    if task.target is not None and not math.isfinite(float(task.target)):
+        raise ConfigError(f"task.target={task.target} must be a finite number or null")
+    if int(task.min_seeds) < 1:
+        raise ConfigError(f"task.min_seeds={task.min_seeds} must be a positive integer")
 
 
 def list_choices(group: str) -> list[str]:
@@ -100,6 +151,38 @@ def list_choices(group: str) -> list[str]:
     if not d.is_dir():
         return []
     return sorted(p.stem for p in d.glob("*.yaml"))
+
+
+def task_index() -> dict[str, dict[str, str]]:
+    """Every task of conf/task/ with its model, dataset and description (read without composing)."""
+    import yaml
+
+    out = {}
+    for name in list_choices("task"):
+        spec = (yaml.safe_load((CONF_DIR / "task" / f"{name}.yaml").read_text()) or {}).get("task") or {}
+        out[name] = {k: str(spec.get(k, "")) for k in ("model", "dataset", "description")}
+    return out
+
+
+def task_for(model: str, dataset: str) -> str:
+    """The task registered for a model x dataset pair. Raises ConfigError listing the tasks when there
+    is none (a language model never silently gets an image task's budget, nor the reverse)."""
+    index = task_index()
+    found = [n for n, t in index.items() if t["model"] == model and t["dataset"] == dataset]
+    if len(found) == 1:
+        return found[0]
+    listing = "\n".join(
+        f"  {n:<24} model={t['model']} dataset={t['dataset']}  {t['description']}" for n, t in index.items()
+    )
+    if found:
+        raise ConfigError(
+            f"several tasks use model={model} dataset={dataset}: {', '.join(found)}; choose one with task=NAME"
+        )
+    raise ConfigError(
+        f"no task is registered for model={model} dataset={dataset}. Choose a task with task=NAME (a task's "
+        f"model or dataset may be overridden, e.g. task=resnet18_cifar10 model=resnet34 keeps that task's "
+        f"budget and target), or add conf/task/<name>.yaml. Tasks:\n{listing}"
+    )
 
 
 def default_data_dir() -> str:
