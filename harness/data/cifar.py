@@ -14,7 +14,6 @@ import torch
 
 from harness.data import download
 from harness.data.base import DataBundle, DeviceImageSplit, split_off_validation
-from harness.data.registry import DATASETS
 from harness.errors import DataCorruptError, DataMissingError
 
 SPECS = {
@@ -162,19 +161,30 @@ def ensure_cifar(name: str, data_dir: Path) -> Path:
     return root
 
 
-def build_cifar(name: str, cfg, data_dir: Path, device, seed: int) -> DataBundle:
+def build_cifar(
+    name: str,
+    data_dir: Path,
+    device,
+    *,
+    val_size: int,
+    split_seed: int,
+    crop_padding: int,
+    flip: bool,
+    mean: list[float] | None,
+    std: list[float] | None,
+) -> DataBundle:
     s = SPECS[name]
     root = ensure_cifar(name, data_dir)
     x_train, y_train = read_batches(root, s["train"], s["label_key"])
     x_test, y_test = read_batches(root, s["test"], s["label_key"])
     class_names = read_class_names(root / s["meta"], s["names_key"])
-    mean = tuple(cfg.get("mean") or s["mean"])
-    std = tuple(cfg.get("std") or s["std"])
-    aug = dict(crop_padding=int(cfg.get("crop_padding", 4)), flip=bool(cfg.get("flip", True)))
+    mean = tuple(mean or s["mean"])
+    std = tuple(std or s["std"])
+    aug = dict(crop_padding=int(crop_padding), flip=bool(flip))
     train = DeviceImageSplit(x_train, y_train, mean, std, device=device, **aug)
     test = DeviceImageSplit(x_test, y_test, mean, std, device=device)
     # the validation images depend on the data seed only, so every technique of a task sees the same ones
-    train, val = split_off_validation(train, int(cfg.get("val_size", 0)), seed=int(cfg.get("split_seed", 0)))
+    train, val = split_off_validation(train, int(val_size), seed=int(split_seed))
     return DataBundle(
         name=name,
         task="classification",
@@ -188,11 +198,11 @@ def build_cifar(name: str, cfg, data_dir: Path, device, seed: int) -> DataBundle
     )
 
 
-@DATASETS.register("cifar10", "CIFAR-10: 50,000/10,000 32x32 RGB images, 10 classes", "Krizhevsky 2009")
-def build_cifar10(cfg, data_dir, device, seed) -> DataBundle:
-    return build_cifar("cifar10", cfg, Path(data_dir), device, seed)
+def cifar10(data_dir, device, seed, **options) -> DataBundle:
+    """``conf/dataset/cifar10.yaml``: CIFAR-10 (Krizhevsky 2009), 50,000/10,000 32x32 images, 10 classes."""
+    return build_cifar("cifar10", Path(data_dir), device, **options)
 
 
-@DATASETS.register("cifar100", "CIFAR-100: 50,000/10,000 32x32 RGB images, 100 fine classes", "Krizhevsky 2009")
-def build_cifar100(cfg, data_dir, device, seed) -> DataBundle:
-    return build_cifar("cifar100", cfg, Path(data_dir), device, seed)
+def cifar100(data_dir, device, seed, **options) -> DataBundle:
+    """``conf/dataset/cifar100.yaml``: CIFAR-100 (Krizhevsky 2009), 100 fine classes."""
+    return build_cifar("cifar100", Path(data_dir), device, **options)

@@ -29,7 +29,6 @@ from torchvision.transforms import functional as TF
 
 from harness.data import download
 from harness.data.base import DataBundle, epoch_generator, split_off_validation
-from harness.data.registry import DATASETS
 from harness.errors import ConfigError, DataCorruptError, DataMissingError
 from harness.hooks import Batch
 
@@ -212,19 +211,19 @@ def make_bundle(name, cfg, train_samples, test_samples, classes, class_names, de
     if not train_samples or not test_samples:
         which = "training" if not train_samples else "evaluation"
         raise DataMissingError(f"{name}: no {which} images ({', '.join(IMG_EXTENSIONS)}) found under {meta['root']}")
-    size = int(cfg.get("image_size", 224))
+    size = int(cfg["image_size"])  # cfg: the dataset YAML's options, the one place of their values
     opts = dict(
-        mean=tuple(cfg.get("mean") or IMAGENET_MEAN),
-        std=tuple(cfg.get("std") or IMAGENET_STD),
+        mean=tuple(cfg["mean"] or IMAGENET_MEAN),
+        std=tuple(cfg["std"] or IMAGENET_STD),
         device=device,
-        num_workers=int(cfg.get("num_workers", 4)),
-        crop_pct=float(cfg.get("crop_pct", 0.875)),
-        rrc_scale=tuple(cfg.get("rrc_scale") or (0.08, 1.0)),
-        flip=bool(cfg.get("flip", True)),
+        num_workers=int(cfg["num_workers"]),
+        crop_pct=float(cfg["crop_pct"]),
+        rrc_scale=tuple(cfg["rrc_scale"]),
+        flip=bool(cfg["flip"]),
     )
     train = FolderSplit(train_samples, size, **opts)
     test = FolderSplit(test_samples, size, **opts)
-    train, val = split_off_validation(train, int(cfg.get("val_size", 0)), seed=int(cfg.get("split_seed", 0)))
+    train, val = split_off_validation(train, int(cfg["val_size"]), seed=int(cfg["split_seed"]))
     return DataBundle(
         name=name,
         task="classification",
@@ -242,7 +241,7 @@ def resolve_root(cfg, data_dir: Path, default: str | None) -> Path:
     root = cfg.get("root") or default
     if not root:
         raise ConfigError(
-            f"dataset.root is required for dataset {cfg.get('name')!r}: a directory with train/<class>/ and val/<class>/"
+            "dataset.root is required: a directory with train/<class>/ and val/<class>/ (absolute, or relative to data_dir)"
         )
     root = Path(os.path.expanduser(str(root)))
     return root if root.is_absolute() else data_dir / root
@@ -261,8 +260,8 @@ def folder_classes(name: str, root: Path, train_dir: Path, test_dir: Path) -> tu
 # -- imagefolder ----------------------------------------------------------------------------------------------
 
 
-@DATASETS.register("imagefolder", "any train/<class>/*, val/<class>/* (or test/) image tree at dataset.root")
-def build_imagefolder(cfg, data_dir, device, seed) -> DataBundle:
+def imagefolder(data_dir, device, seed, **cfg) -> DataBundle:
+    """``conf/dataset/imagefolder.yaml``: any train/<class>/*, val/<class>/* (or test/) image tree at dataset.root."""
     root = resolve_root(cfg, Path(data_dir), None)
     train_dir = root / "train"
     test_dir = next((root / d for d in ("val", "test") if (root / d).is_dir()), None)
@@ -313,7 +312,7 @@ WNID_NAMES = {
 
 
 def build_fastai(name: str, cfg, data_dir: Path, device) -> DataBundle:
-    size = str(cfg.get("size", "full"))
+    size = str(cfg["size"])
     if size not in FASTAI[name]:
         raise ConfigError(f"dataset.size={size!r} for {name}; valid choices: {', '.join(FASTAI[name])}")
     folder, md5 = FASTAI[name][size]
@@ -329,13 +328,13 @@ def build_fastai(name: str, cfg, data_dir: Path, device) -> DataBundle:
     return make_bundle(name, cfg, scan(root / "train", c2i), scan(root / "val", c2i), classes, names, device, meta)
 
 
-@DATASETS.register("imagenette", "Imagenette: 10 easy ImageNet classes, ~9.5k/3.9k images", "Howard 2019 (fast.ai)")
-def build_imagenette(cfg, data_dir, device, seed) -> DataBundle:
+def imagenette(data_dir, device, seed, **cfg) -> DataBundle:
+    """``conf/dataset/imagenette*.yaml``: Imagenette (Howard 2019, fast.ai), 10 easy ImageNet classes."""
     return build_fastai("imagenette", cfg, Path(data_dir), device)
 
 
-@DATASETS.register("imagewoof", "Imagewoof: 10 ImageNet dog breeds, ~9k/3.9k images", "Howard 2019 (fast.ai)")
-def build_imagewoof(cfg, data_dir, device, seed) -> DataBundle:
+def imagewoof(data_dir, device, seed, **cfg) -> DataBundle:
+    """``conf/dataset/imagewoof*.yaml``: Imagewoof (Howard 2019, fast.ai), 10 ImageNet dog breeds."""
     return build_fastai("imagewoof", cfg, Path(data_dir), device)
 
 
@@ -344,8 +343,8 @@ def build_imagewoof(cfg, data_dir, device, seed) -> DataBundle:
 TINY_URL, TINY_MD5 = "http://cs231n.stanford.edu/tiny-imagenet-200.zip", "90528d7ca1a48142e341f4ef8d21d0de"
 
 
-@DATASETS.register("tinyimagenet", "Tiny ImageNet: 200 classes, 100k/10k 64x64 images", "Le & Yang 2015")
-def build_tinyimagenet(cfg, data_dir, device, seed) -> DataBundle:
+def tinyimagenet(data_dir, device, seed, **cfg) -> DataBundle:
+    """``conf/dataset/tinyimagenet.yaml``: Tiny ImageNet (Le & Yang 2015), 200 classes of 64x64 images."""
     data_dir = Path(data_dir)
     root = resolve_root(cfg, data_dir, "tiny-imagenet-200")
     needed = [root / "wnids.txt", root / "train", root / "val" / "val_annotations.txt", root / "val" / "images"]
@@ -384,8 +383,8 @@ def imagenet100_classes(path: Path = CLASS_LIST) -> list[str]:
     return [w for w in lines if w]
 
 
-@DATASETS.register("imagenet100", "ImageNet-100: the CMC 100-class subset of a local ImageNet tree", "Tian et al. 2020")
-def build_imagenet100(cfg, data_dir, device, seed) -> DataBundle:
+def imagenet100(data_dir, device, seed, **cfg) -> DataBundle:
+    """``conf/dataset/imagenet100.yaml``: the CMC 100-class subset of a local ImageNet tree (Tian et al. 2020)."""
     root = resolve_root(cfg, Path(data_dir), "imagenet")
     wnids = imagenet100_classes(Path(cfg["class_list"]) if cfg.get("class_list") else CLASS_LIST)
     how = (

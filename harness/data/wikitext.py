@@ -27,7 +27,6 @@ import numpy as np
 
 from harness.data import download
 from harness.data.base import DataBundle
-from harness.data.registry import DATASETS
 from harness.data.tokens import TokenSplit, smallest_uint, unigram_model_perplexity, unigram_perplexity
 from harness.errors import ConfigError, DataCorruptError, DataMissingError
 
@@ -234,18 +233,28 @@ def load_tokens(
     return ids, vocab_size, vocab, False
 
 
-def build_wikitext(name: str, cfg, data_dir: Path, device, seed: int) -> DataBundle:
-    tokenizer, variant = str(cfg.get("tokenizer", "word")), str(cfg.get("variant", "tokens"))
+def build_wikitext(
+    name: str,
+    data_dir: Path,
+    device,
+    *,
+    tokenizer: str,
+    variant: str,
+    context: int,
+    steps_per_epoch: int | None,
+    download: bool,
+) -> DataBundle:
+    tokenizer, variant = str(tokenizer), str(variant)
     if tokenizer not in TOKENIZERS:
         raise ConfigError(f"dataset.tokenizer={tokenizer!r}; valid choices: {', '.join(TOKENIZERS)}")
     if variant not in VARIANTS:
         raise ConfigError(f"dataset.variant={variant!r}; valid choices: {', '.join(VARIANTS)}")
     if tokenizer == "gpt2":
         gpt2_encoding()  # fail on a missing tokenizer before looking for (or downloading) data
-    files = find_wikitext(name, variant, data_dir, bool(cfg.get("download", True)))
+    files = find_wikitext(name, variant, data_dir, bool(download))
     ids, vocab_size, vocab, cached = load_tokens(files, tokenizer, log=lambda m: print(m, file=sys.stderr))
-    context = int(cfg.get("context", 256))
-    steps = cfg.get("steps_per_epoch")
+    context = int(context)
+    steps = steps_per_epoch
     train = TokenSplit(ids["train"], context, device, steps_per_epoch=steps)
     val = TokenSplit(ids["valid"], context, device)
     test = TokenSplit(ids["test"], context, device)
@@ -275,11 +284,11 @@ def build_wikitext(name: str, cfg, data_dir: Path, device, seed: int) -> DataBun
     )
 
 
-@DATASETS.register("wikitext2", "WikiText-2: 2.1M/218K/246K word tokens of Wikipedia articles", "Merity et al. 2017")
-def build_wikitext2(cfg, data_dir, device, seed) -> DataBundle:
-    return build_wikitext("wikitext2", cfg, Path(data_dir), device, seed)
+def wikitext2(data_dir, device, seed, **options) -> DataBundle:
+    """``conf/dataset/wikitext2.yaml``: WikiText-2 (Merity et al. 2017), 2.1M/218K/246K word tokens."""
+    return build_wikitext("wikitext2", Path(data_dir), device, **options)
 
 
-@DATASETS.register("wikitext103", "WikiText-103: 103M word tokens of Wikipedia articles", "Merity et al. 2017")
-def build_wikitext103(cfg, data_dir, device, seed) -> DataBundle:
-    return build_wikitext("wikitext103", cfg, Path(data_dir), device, seed)
+def wikitext103(data_dir, device, seed, **options) -> DataBundle:
+    """``conf/dataset/wikitext103.yaml``: WikiText-103 (Merity et al. 2017), 103M word tokens."""
+    return build_wikitext("wikitext103", Path(data_dir), device, **options)
