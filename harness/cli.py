@@ -11,12 +11,13 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import signal
 import sys
 import tempfile
 from pathlib import Path
 
-from harness.config import CONF_DIR, GROUPS, list_choices
-from harness.errors import ConfigError, DataMissingError
+from harness.config import CONF_DIR, GROUPS, list_choices, task_for
+from harness.errors import ConfigError, DataMissingError, InfraFault
 from harness.registry import unknown_choice_message
 
 # subcommand -> "module:function" taking argv and returning an exit code
@@ -49,6 +50,7 @@ def check_overrides(args: list[str]) -> None:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except Exception as e:  # Hydra's grammar errors already name the bad override
         raise ConfigError(str(e)) from e
+    extra = task_override(parsed)
     results_dir = "results"
     for o in parsed:
         key = o.key_or_group
@@ -61,9 +63,30 @@ def check_overrides(args: list[str]) -> None:
         choices = list_choices(key)
         values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
         for v in values:
-            if v not in choices and not (key == "experiment" and v == "null"):
+            if v not in choices:
                 raise ConfigError(unknown_choice_message(key, v, choices))
     check_writable(Path(results_dir))
+    return extra
+
+
+def task_override(parsed) -> list[str]:
+    """``task=NAME`` for a command line that names no task: the task registered for its model x dataset
+    pair (the defaults: resnet18 x cifar10). Raises ConfigError when there is none."""
+    from omegaconf import OmegaConf
+
+    if any(o.key_or_group == "task" for o in parsed):
+        return []
+    defaults = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "config.yaml").defaults)
+    pair = {k: next(d[k] for d in defaults if isinstance(d, dict) and k in d) for k in ("model", "dataset")}
+    for o in parsed:
+        if o.key_or_group in pair and not o.is_delete():
+            if o.is_sweep_override():
+                raise ConfigError(
+                    f"{o.input_line}: a sweep over {o.key_or_group}s needs the tasks named, e.g. task=quickstart,vit_tiny_digits "
+                    "(each task brings its own budget and target)"
+                )
+            pair[o.key_or_group] = o.get_value_element_as_str()
+    return [f"task={task_for(pair['model'], pair['dataset'])}"]
 
 
 def check_type(key: str, override) -> None:
@@ -97,20 +120,25 @@ def check_writable(path: Path) -> None:
         raise ConfigError(f"results_dir={path} is not writable ({probe}: {e.strerror or e})") from e
 
 
+def _stop_sweep(signum, frame) -> None:
+    raise SystemExit(128 + signum)
+
+
 def run(args: list[str]) -> int:
     import hydra
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
     from harness.config import register_schema
-    from harness.infra import launchers
+    from harness.infra import launchers, outcomes
     from harness.run import experiment
 
     try:
-        check_overrides(args)
+        args = [*args, *check_overrides(args)]
     except ConfigError as e:
         return fail(str(e))
     register_schema()
+    launchers.register_plugins()  # hydra/launcher=local|slurm: every job waited for and listed
     from harness.infra import distributed
 
     if distributed.env_world_size() > 1:  # torchrun: join the process group, agree on one run dir
@@ -126,28 +154,36 @@ def run(args: list[str]) -> int:
         multirun = hc.mode == RunMode.MULTIRUN
         run_dir = Path(hc.runtime.output_dir)
         choices = {k: v for k, v in hc.runtime.choices.items() if not k.startswith("hydra") and v is not None}
+        overrides = list(hc.overrides.task)
+        if multirun:  # every outcome (ok, refused, failed, ...) is noted; the other jobs run; a summary at the end
+            return outcomes.run_sweep_job(lambda: experiment.execute(cfg, run_dir, choices, overrides), run_dir)
         try:
-            return experiment.execute(cfg, run_dir, choices, list(hc.overrides.task))
+            return experiment.execute(cfg, run_dir, choices, overrides)
         except (ConfigError, DataMissingError) as e:
-            if multirun:  # the launcher records this job as failed and runs the others
-                launchers.fail_job_at_exit()  # and a submitit job exits non-zero: SLURM says FAILED
-                raise
             print(f"harness: error: {e}", file=sys.stderr)
             state["code"] = 2
         except experiment.RunFailed as e:
-            if multirun:
-                launchers.fail_job_at_exit()
-                raise
             print(f"harness: {e}", file=sys.stderr)
+            state["code"] = 1
+        except InfraFault as e:  # the record could not be written either: say why, plainly
+            print(f"harness: error: {e}; earlier records and checkpoints are intact", file=sys.stderr)
             state["code"] = 1
 
     sys.argv = ["harness run", *args]
     main = hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(task)
+    outcomes.CURRENT.clear()
+    if {"-m", "--multirun"} & set(args):  # SIGTERM between two runs too: stop, list the jobs, say how to continue
+        signal.signal(signal.SIGTERM, _stop_sweep)
     try:
         main()
+    except SystemExit as e:  # Hydra reports an aborted sweep with exit 1; SIGTERM ends a run with 143
+        code = e.code if isinstance(e.code, int) else 1
+        summary = outcomes.report(args, interrupted=code if code >= 128 else None)
+        raise SystemExit(summary if summary else code) from None
     finally:
         distributed.shutdown()
-    return state["code"]
+    summary = outcomes.report(args)  # a multirun: one line per job, non-zero unless every job succeeded
+    return state["code"] if summary is None else summary
 
 
 def list_groups(args: list[str]) -> int:

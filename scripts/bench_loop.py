@@ -115,7 +115,7 @@ def main() -> None:
         f"trainer.epochs={args.epochs}",
         "trainer.progress=none",
         "trainer.checkpoint_every=0",
-        "trainer.target=null",
+        "task.target=null",
         "logger=csv",
     ]
     device = "cuda" if torch.cuda.is_available() else "cpu"

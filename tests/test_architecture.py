@@ -16,6 +16,8 @@ LAYERS = {
     "harness.config": 0,
     "harness.records": 0,
     "harness.hooks": 0,
+    "harness.schemas": 0,
+    "harness.build": 0,
     "harness.metrics": 1,
     "harness.infra": 1,
     "harness.data": 2,

@@ -10,7 +10,7 @@ def test_quickstart_with_temperature_scaling_pskd_and_label_smoothing(tmp_path):
     p = harness(
         "run",
         "-m",
-        "experiment=quickstart",
+        "task=quickstart",
         "trainer.progress=none",
         "trainer.epochs=2",
         "dataset.val_size=300",

@@ -14,7 +14,7 @@ import pytest
 pytestmark = pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not installed")
 
 # global batch 64 either way: 1 process x 64, or 2 processes x 32 on disjoint shards
-ARGS = ["experiment=quickstart", "trainer.epochs=4", "trainer.progress=none", "logger=csv"]
+ARGS = ["task=quickstart", "trainer.epochs=4", "trainer.progress=none", "logger=csv"]
 # The two runs see the same data per epoch but in a different order (per-rank shards, per-rank
 # augmentation draws) and BatchNorm statistics of 32 instead of 64 samples, so they are not
 # bit-identical. Measured on this config: 0.9722 (1 process) vs 0.9750 (2 ranks), one test image

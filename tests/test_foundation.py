@@ -14,7 +14,7 @@ import pytest
 
 from tests.conftest import ROOT, harness, records
 
-QUICK = ("experiment=quickstart", "trainer.progress=none")
+QUICK = ("task=quickstart", "trainer.progress=none")
 
 
 def test_quickstart_learns_and_writes_a_valid_record(tmp_path):
@@ -25,12 +25,22 @@ def test_quickstart_learns_and_writes_a_valid_record(tmp_path):
     assert rec["status"] == "ok" and rec["error"] is None
     assert rec["metrics"]["test_acc"] >= 0.90
     assert rec["schema_version"] == 1
-    assert rec["task"]["name"] == "small_cnn-digits" and rec["task"]["budget"] == "15ep"
+    task = rec["task"]
+    assert task["name"] == "quickstart" and task["budget"] == "15ep" and len(task["key"]) == 12
+    assert (task["metric"], task["direction"], task["split"], task["report_split"]) == ("acc", "max", "val", "test")
+    assert task["identity"]["dataset"]["val_size"] == 300  # the task carves its validation split
+    assert rec["dataset_info"]["sizes"] == {"train": 1137, "val": 300, "test": 360}
+    assert rec["metric_directions"]["test_acc"] == "max" and rec["metric_directions"]["test_ece"] == "min"
+    assert rec["environment"]["device"] == "cpu" and rec["environment"]["threads"] >= 1
     assert rec["technique"]["choices"]["optimizer"] == "sgd"
     assert rec["config"]["optimizer"]["lr"] == 0.05  # the preset's baseline recipe applied to its baseline optimizer
     assert len(rec["curve"]) == 15 and rec["curve"][-1]["epoch"] == 15
     assert rec["timing"]["total_s"] > 0 and rec["throughput"]["samples_per_s"] > 0
     assert rec["timing"]["time_to_target_s"] is not None  # target 0.9 was reached
+    assert rec["timing"]["target_metric"] == "val_acc"  # read on validation, never on test
+    first = next(c for c in rec["curve"] if c["epoch"] == rec["timing"]["target_epoch"])
+    assert first["val_acc"] >= 0.9 and "test_acc" not in rec["curve"][0]  # test only at the end
+    assert rec["memory"]["estimated_peak_bytes"] > 0 and rec["memory"]["peak_bytes"] > 0
     assert rec["model_info"]["params"] > 0 and rec["model_info"]["flops_per_sample"] > 0
     for key in ("torch", "python", "harness", "git_commit"):
         assert key in rec["versions"]

@@ -53,7 +53,7 @@ def test_gpt2_tiny_on_wikitext_tree_writes_lm_record(tmp_path):
         "trainer.batch_size=16",
         "trainer.eval_batch_size=32",
         "trainer.progress=none",
-        "trainer.target=null",
+        "task.target=null",
         "schedule.warmup_epochs=0",
         f"data_dir={tmp_path / 'data'}",
         f"results_dir={tmp_path / 'results'}",
@@ -130,7 +130,7 @@ def wikitext2_small_eval(tmp_path):
 def test_gpt2_tiny_beats_unigram_perplexity_on_wikitext2(tmp_path, wikitext2_small_eval):
     p = harness(
         "run",
-        "experiment=gpt2_tiny_wikitext2",
+        "task=gpt2_tiny_wikitext2",
         "model.n_embd=64",
         "dataset.context=32",
         "dataset.steps_per_epoch=150",

@@ -289,7 +289,7 @@ def test_trained_comparison_on_digits(tmp_path):
     """batchnorm, groupnorm and none_fixup on the quickstart CNN (digits, a few epochs) all reach 0.85;
     the record stores the normalization and the number of layers replaced."""
     cmd = [
-        sys.executable, "-m", "harness", "run", "-m", "experiment=quickstart",
+        sys.executable, "-m", "harness", "run", "-m", "task=quickstart",
         "normalization=batchnorm,groupnorm,none_fixup", "trainer.epochs=6", "trainer.progress=none",
         "trainer.checkpoint_every=0", f"results_dir={tmp_path}",
     ]  # fmt: skip

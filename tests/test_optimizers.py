@@ -254,7 +254,7 @@ CPU_RUNS = "adamp,sgdp,lamb,lars,lion,adan,radam,adafactor,ranger21,diffgrad,ada
 
 def test_harness_run_quickstart_with_each_listed_optimizer(tmp_path):
     """One multirun process for the 12 optimizers of the issue; every record is ok and beats chance."""
-    cmd = [sys.executable, "-m", "harness", "run", "-m", "experiment=quickstart", f"optimizer={CPU_RUNS}",
+    cmd = [sys.executable, "-m", "harness", "run", "-m", "task=quickstart", f"optimizer={CPU_RUNS}",
            "trainer.epochs=2", f"results_dir={tmp_path}", "trainer.progress=none", "trainer.checkpoint_every=0"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)

@@ -29,7 +29,7 @@ from harness.techniques.quantization import (
     fp8_support,
     optimizer_state_bytes,
 )
-from harness.techniques.registry import build_techniques, register
+from harness.techniques.registry import build_techniques
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -213,7 +213,7 @@ def test_fp8_layer_rule_converts_and_lists_the_large_linears(monkeypatch):
 def test_fp8_without_fp8_gpu_is_refused_before_data_and_writes_nothing(tmp_path):
     # cifar10 in an empty data_dir: had the data been loaded first, the error would be about missing CIFAR files
     results = tmp_path / "results"
-    cmd = [sys.executable, "-m", "harness", "run", "experiment=quickstart", "dataset=cifar10", "quantization=fp8"]
+    cmd = [sys.executable, "-m", "harness", "run", "task=quickstart", "dataset=cifar10", "quantization=fp8"]
     cmd += [f"data_dir={tmp_path / 'nodata'}", f"results_dir={results}"]
     env = {**os.environ, "HARNESS_DATA_DIR": str(tmp_path / "nodata")}
     p = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
@@ -251,7 +251,6 @@ def test_adamw8bit_state_is_under_30_percent_of_adamw(monkeypatch):
 # ---- fp16 with a gradient scaler, through the real loop -------------------------------------------------
 
 
-@register("clip", "_test_overflow", "test hook: makes one step's gradients infinite")
 class InjectOverflow(Technique):
     """Multiplies a gradient by inf during the backward pass of step ``at_step`` (before the loop unscales)."""
 
@@ -274,7 +273,7 @@ def test_fp16_overflow_step_is_skipped_and_counted(tmp_path):
 
     register_schema()
     overrides = [
-        "experiment=quickstart",
+        "task=quickstart",
         "precision=fp16",
         "precision.init_scale=1024",  # small enough that no step overflows by itself
         "quantization=ptq_int8",
@@ -287,7 +286,7 @@ def test_fp16_overflow_step_is_skipped_and_counted(tmp_path):
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=overrides)
     OmegaConf.set_struct(cfg, False)
-    cfg.clip = {"name": "_test_overflow", "at_step": 2}
+    cfg.clip = {"_target_": f"{__name__}.InjectOverflow", "name": "_test_overflow", "at_step": 2}
     choices = {
         "model": "small_cnn",
         "dataset": "digits",

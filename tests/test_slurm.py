@@ -27,7 +27,7 @@ CLUSTER = [
     "hydra.launcher.mem_gb=null",
     "hydra.launcher.timeout_min=10",
 ]
-QUICK = ["experiment=quickstart", "trainer.progress=none"]
+QUICK = ["task=quickstart", "trainer.progress=none"]
 
 
 def _cluster_up() -> str | None:

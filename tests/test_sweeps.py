@@ -15,7 +15,7 @@ from harness.records import RECORD_NAME, read_record, write_record
 
 pytest.importorskip("hydra_plugins.hydra_joblib_launcher", reason="pip install -e .[cluster] (hydra-joblib-launcher)")
 
-SWEEP = ["experiment=quickstart", "trainer.epochs=1", "trainer.progress=none", "seed=0,1,2,3"]
+SWEEP = ["task=quickstart", "trainer.epochs=1", "trainer.progress=none", "seed=0,1,2,3"]
 
 
 def harness_run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -131,7 +131,7 @@ def test_sigterm_checkpoints_mid_epoch_and_resume_is_exact(tmp_path):
     with the same result as an uninterrupted run, one record, requeues == 1."""
     import signal
 
-    args = ["experiment=quickstart", "trainer.epochs=3", "trainer.log_every=1", "trainer.progress=plain"]
+    args = ["task=quickstart", "trainer.epochs=3", "trainer.log_every=1", "trainer.progress=plain"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "harness", "run", *args, f"results_dir={tmp_path / 'cut'}"]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
