@@ -50,6 +50,8 @@ def infra_fault(exc: BaseException | None) -> OSError | None:
 
 def describe_os_error(e: OSError, path: object = None) -> str:
     """``no space left on /path (ENOSPC)``-style text for an infrastructure OSError."""
+    if isinstance(e, InfraFault):  # already says which path
+        return str(e)
     where = path or e.filename or "the file system"
     name = errno.errorcode.get(e.errno or 0, "")
     reason = {errno.ENOSPC: "no space left on", errno.EIO: "I/O error on", errno.EROFS: "read-only file system at"}.get(

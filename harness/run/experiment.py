@@ -50,7 +50,7 @@ from harness.records import (
     versions,
     write_record,
 )
-from harness.run.checkpoint import CHECKPOINT_NAME, find_resumable, load_checkpoint
+from harness.run.checkpoint import CHECKPOINT_NAME, find_resumable, load_checkpoint, remove_checkpoints
 from harness.run.preflight import preflight_memory
 from harness.run.trainer import Diverged, Trainer
 from harness.techniques.optimizers import build_optimizer, check_optimizer
@@ -353,7 +353,7 @@ def close_record(plan: Plan, record: dict[str, Any], trainer: Trainer | None) ->
         return
     path = write_record(plan.run_dir, record)
     if record["status"] == "ok":
-        (plan.run_dir / CHECKPOINT_NAME).unlink(missing_ok=True)
+        remove_checkpoints(plan.run_dir)  # checkpoint.pt and the previous good one
     if trainer is not None and trainer.logger is not None:
         trainer.logger.log_final(record)
         trainer.logger.close()
