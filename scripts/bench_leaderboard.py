@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from harness.records import metric_directions, task_identity
+
 MODELS = ["resnet18", "resnet34", "resnet50", "vit_tiny", "small_cnn"]
 DATASETS = ["cifar10", "cifar100", "digits", "imagenette"]
 OPTS = ["sgd", "adam", "adamw", "adamp", "lion"]
@@ -107,6 +109,19 @@ def make_records(root: Path, n_records: int = 10_000, n_tasks: int = 20, epochs:
                     "started_at": "2025-01-01T00:00:00",
                     "finished_at": "2025-01-01T00:05:00",
                 }  # fmt: skip
+                # the task/technique contract of new records (task key and identity, metric directions, environment)
+                identity = task_identity(rec["config"])
+                rec["task"] |= {
+                    "metric": "acc",
+                    "direction": "max",
+                    "split": "val",
+                    "report_split": "test",
+                    "min_seeds": 3,
+                    "identity": identity,
+                    "key": hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12],
+                }
+                rec["metric_directions"] = metric_directions(rec["metrics"], rec["task"])
+                rec["environment"] = {"device": "cuda", "threads": 8, "deterministic": False}
                 d = Path(rec["run_dir"])
                 d.mkdir(parents=True, exist_ok=True)
                 (d / "result.json").write_text(json.dumps(rec, indent=2))
@@ -146,13 +161,13 @@ def main() -> int:
         t_re, c1 = time.perf_counter() - t0, os.times()
         print(f"second run, plots unchanged (cached): {t_re:.2f} s wall, {sum(c1[:4]) - sum(c0[:4]):.2f} s CPU")
         if not args.no_subprocess:
-            cmd = [sys.executable, "-m", "harness.analysis.leaderboard", "--results", str(root / "results")]
+            cmd = [sys.executable, "-m", "harness.analysis.command", "--results", str(root / "results")]
             cmd += ["--out", str(root / "lb_subproc"), "--quiet"]
             t0 = time.perf_counter()
             p = subprocess.run(cmd, capture_output=True, text=True)
             t_sub = time.perf_counter() - t0
             print(
-                f"subprocess  python -m harness.analysis.leaderboard: {t_sub:.2f} s (rc={p.returncode}, includes imports)"
+                f"subprocess  python -m harness.analysis.command: {t_sub:.2f} s (rc={p.returncode}, includes imports)"
             )
             if p.returncode:
                 print(p.stderr[-2000:], file=sys.stderr)

@@ -433,3 +433,16 @@ def test_legend_is_outside_the_axes(tmp_path):
     axbox = ax.get_window_extent(r)
     assert leg.x0 >= axbox.x1 and leg.x1 <= fig.bbox.x1 + 1  # right of the axes, inside the figure
     assert {t.get_text() for t in ax.texts} >= {"sgd+cosine", "adam+cosine"}  # every point labelled
+
+
+def test_rows_link_to_run_directories_and_hydra_configs(tmp_path):
+    paths = [write_record(tmp_path, seed=s, metrics={"test_acc": 0.9}) for s in range(3)]
+    (paths[0].parent / ".hydra").mkdir()
+    (paths[0].parent / ".hydra" / "config.yaml").write_text("seed: 0\n")
+    assert cli(tmp_path, "--no-plots", "--format", "md,html") == 0
+    md = (tmp_path / "lb" / "net-data_3ep.md").read_text()
+    run0 = f"../runs/2025-01-01/{paths[0].parent.name}"
+    assert f"[s0](<{run0}>) ([config](<{run0}/.hydra/config.yaml>))" in md
+    assert f"[s1](<../runs/2025-01-01/{paths[1].parent.name}>)" in md and "result.json>)" in md
+    html = (tmp_path / "lb" / "index.html").read_text()
+    assert f'href="{run0}/.hydra/config.yaml"' in html

@@ -236,9 +236,10 @@ def validate(rec: Any) -> None:
         raise ValueError("missing task.name")
     if not rec["technique"]["key"]:
         raise ValueError("missing technique.key")
-    for i, p in enumerate(rec.get("curve") or []):
-        if not isinstance(p, dict):
-            raise ValueError(f"field curve[{i}] is {_type_name(p)}, expected an object")
+    curve = rec.get("curve") or []
+    if not all(type(p) is dict for p in curve):
+        i, p = next((i, p) for i, p in enumerate(curve) if not isinstance(p, dict))
+        raise ValueError(f"field curve[{i}] is {_type_name(p)}, expected an object")
     for m, d in (rec.get("metric_directions") or {}).items():
         if d not in ("max", "min"):
             raise ValueError(f"metric_directions.{m} is {d!r}, expected 'max' or 'min'")
@@ -359,6 +360,8 @@ def load_runs(root: str | os.PathLike, skip: tuple[str, ...] = ()) -> tuple[list
 
 def _adopt_keys(runs: list[Run]) -> None:
     """A legacy record whose computed identity equals a new record's ``task.identity`` joins that task."""
+    if not any(r.legacy_task for r in runs) or all(r.legacy_task for r in runs):
+        return
     known = {json.dumps(r.identity, sort_keys=True, default=str): r.task_key for r in runs if not r.legacy_task}
     for r in runs:
         if r.legacy_task:
@@ -599,8 +602,13 @@ class Leaderboard:
 
 
 def _most_common(values: list[Any], default: Any = None) -> Any:
-    vals = [json.dumps(v, sort_keys=True, default=str) for v in values if v is not None]
-    return json.loads(Counter(vals).most_common(1)[0][0]) if vals else default
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return default
+    if all(isinstance(v, (str, int, float)) for v in vals):
+        return Counter(vals).most_common(1)[0][0]
+    enc = [json.dumps(v, sort_keys=True, default=str) for v in vals]
+    return json.loads(Counter(enc).most_common(1)[0][0])
 
 
 def primary_metric(runs: list[Run]) -> tuple[str | None, str | None]:

@@ -40,7 +40,7 @@ RC = {
     "text.parse_math": False,
     "text.usetex": False,
 }
-LEGEND_CHAR_IN = 0.055  # inches per character of a 7 pt legend entry
+LEGEND_CHAR_IN = 0.07  # inches per character of a 7 pt legend entry (generous: DejaVu Sans is wide)
 
 
 def _styled(fn):
@@ -70,7 +70,7 @@ def save(fig: Figure, stem: str | Path) -> bytes:
 
 def _legend_width(labels: Sequence[str]) -> float:
     """Inches a legend of these entries needs beside the axes."""
-    return 0.45 + LEGEND_CHAR_IN * max((len(x) for x in labels), default=0)
+    return 0.7 + LEGEND_CHAR_IN * max((len(x) for x in labels), default=0)
 
 
 def _legend_outside(ax: Axes, **kw) -> None:
@@ -263,6 +263,7 @@ def plot_curves(board: TaskBoard, stem: Path) -> bytes | None:
             ax.fill_between(xs, mu - sd, mu + sd, color=f"C{i}", alpha=0.2, lw=0)
         ax.set(xlabel=xname, ylabel=ylabel)
         _ticks(ax)
+        ax.xaxis.set_major_locator(MaxNLocator(4, integer=True))  # epochs, steps and tokens are counts
     _legend_outside(axes[-1])
     fig.suptitle(f"{_short(board.title, 70)}: mean ± std over seeds")
     return save(fig, stem)

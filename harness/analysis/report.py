@@ -4,6 +4,7 @@ and the terminal tables. Every text that comes from a record is escaped (Markdow
 from __future__ import annotations
 
 import base64
+import functools
 import html
 import math
 import multiprocessing as mp
@@ -231,21 +232,35 @@ def md_table(headers: list[str], rows: list[list[str]], html: bool = True) -> st
 
 def run_links(board: TaskBoard, key: str, base: Path) -> list[tuple[str, str, str]]:
     """(seed text, run directory href, resolved-config href) of every run of a configuration, relative to
-    ``base``: the config is ``<run_dir>/.hydra/config.yaml`` when Hydra wrote one, else the record."""
-    out = []
-    for r in sorted((r for r in board.runs if r.key == key), key=lambda r: (str(r.seed), r.path)):
-        cfg = Path(r.run_dir) / ".hydra" / "config.yaml"
-        cfg = cfg if cfg.is_file() else Path(r.path)
-        txt = f"s{r.seed}" + ("" if r.status == "ok" else f" {r.status}")
-        out.append((txt, _rel(r.run_dir, base), _rel(cfg, base)))
-    return out
+    ``base``: the config is ``<run_dir>/.hydra/config.yaml`` when Hydra wrote one, else the record.
+    Computed once per board and output directory (the Markdown and HTML writers share it)."""
+    cache = board.__dict__.setdefault("_links", {})
+    if base not in cache:
+        by_key: dict[str, list[tuple[str, str, str]]] = {}
+        for r in sorted(board.runs, key=lambda r: (str(r.seed), r.path)):
+            run_dir = os.path.dirname(r.path)  # where the record is now (results may have been moved)
+            d = _rel(run_dir, base)
+            hydra = os.path.isfile(os.path.join(run_dir, ".hydra", "config.yaml"))
+            cfg = f"{d}/.hydra/config.yaml" if hydra else f"{d}/{os.path.basename(r.path)}"
+            txt = f"s{r.seed}" + ("" if r.status == "ok" else f" {r.status}")
+            by_key.setdefault(r.key, []).append((txt, d, cfg))
+        cache[base] = by_key
+    return cache[base].get(key, [])
 
 
-def _rel(path: str | Path, base: Path) -> str:
+@functools.lru_cache(maxsize=4096)
+def _rel_dir(path: str, base: str) -> str:
     try:
         return Path(os.path.relpath(path, base)).as_posix()
     except ValueError:  # another drive (Windows): an absolute URI
         return Path(path).resolve().as_uri()
+
+
+def _rel(path: str | Path, base: Path) -> str:
+    """``path`` relative to ``base`` (relpath once per parent directory: 10^4 runs share a few sweeps)."""
+    head, tail = os.path.split(os.path.abspath(path))
+    d = _rel_dir(head, os.path.abspath(base))
+    return tail if d == "." else f"{d}/{tail}"
 
 
 def _md_link(text: str, href: str) -> str:
