@@ -91,7 +91,7 @@ def draw(stages: dict[str, dict[str, Any]], eces: dict[str, float], title: str) 
         ax2.set_yscale("log" if count.max() > 50 * max(np.median(count[m]), 1) else "linear")
         ax2.set(xlim=(0, 1), xlabel="confidence")
         ax2.set_ylabel("samples" if col == 0 else "")
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(title, fontsize=10, parse_math=False)  # task and label come from the record: plain text
     return fig
 
 
