@@ -264,3 +264,43 @@ def test_reliability_plot_command_draws_before_and_after(tmp_path):
         from harness.analysis.reliability import cli
 
         cli(["reliability", str(empty)])
+
+
+def test_several_calibrators_fit_on_validation_once_each_with_their_metrics(tmp_path):
+    cfg = OmegaConf.create({"calibration": {"name": "compare", "methods": ["temperature", "vector", "isotonic"]}})
+    (tech,) = build_techniques(cfg)
+    ctx, test, test_y = fake_run(tmp_path)
+    seen = []
+    predict = ctx.extras["predict"]
+    ctx.extras["predict"] = lambda split: (seen.append(split), predict(split))[1]
+    tech.prepare_model(torch.nn.Identity(), ctx)
+    out = tech.finalize(torch.nn.Identity(), ctx)
+    assert seen == ["val", "test"]  # the model's logits are computed once, for every calibrator
+    before = calibration_metrics(test, test_y)
+    m = out["metrics"]
+    for name in ("temperature", "vector", "isotonic"):
+        assert m[f"test_ece_after_{name}"] < before["test_ece"], name
+        assert m[f"test_nll_after_{name}"] > 0 and f"val_nll_after_{name}" in m
+        # each equals what the calibrator gives on its own
+        (alone,) = build_techniques(calibration_cfg(name))
+        (tmp_path / name).mkdir()
+        single = alone.finalize(torch.nn.Identity(), fake_run(tmp_path / name)[0])["metrics"]
+        assert m[f"test_ece_after_{name}"] == pytest.approx(single["test_ece_after"])
+    summary = tech.summary()
+    assert summary["methods"] == ["temperature", "vector", "isotonic"] and summary["fit_split"] == "val"
+    chosen = summary["selected"]  # the plain *_after values are the calibrator with the lowest validation NLL
+    assert chosen == min(("temperature", "vector", "isotonic"), key=lambda n: m[f"val_nll_after_{n}"])
+    assert m["test_ece_after"] == m[f"test_ece_after_{chosen}"]
+    assert out["params"]["temperature"]["temperature"] == pytest.approx(2.0, rel=0.1)
+    saved = torch.load(tmp_path / LOGITS_FILE)
+    assert saved["method"] == chosen and set(saved["by_method"]) == {"temperature", "vector", "isotonic"}
+
+
+def test_several_calibrators_refuse_unknown_or_repeated_methods():
+    for methods, match in (
+        (["temperature", "platt"], r"unknown calibrator in calibration.methods 'platt'.*isotonic"),
+        (["vector", "vector"], "distinct"),
+        ([], "one or more"),
+    ):
+        with pytest.raises(ConfigError, match=match):
+            build_techniques(OmegaConf.create({"calibration": {"name": "compare", "methods": methods}}))

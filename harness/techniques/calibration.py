@@ -31,9 +31,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from harness.build import NO_CHOICE, instantiate, spec_of, split
+from harness.config import list_choices
 from harness.errors import ConfigError
 from harness.hooks import RunContext, Technique
 from harness.metrics.calibration import calibration_metrics, reliability_bins
+from harness.registry import unknown_choice_message
 
 LOGITS_FILE = "calibration_logits.pt"
 
@@ -48,6 +51,35 @@ def _lbfgs(params: list[Tensor], closure_loss, max_iter: int) -> None:
         return loss
 
     opt.step(closure)
+
+
+def final_logits(ctx: RunContext) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+    """(validation logits, labels) and (test logits, labels) of the trained model, float32."""
+    if "predict" not in ctx.extras:
+        raise RuntimeError(
+            "post-hoc calibration needs the loop to set ctx.extras['predict'](split) -> (logits, labels)"
+        )
+    predict = ctx.extras["predict"]
+    val_logits, val_labels = predict(ctx.data.val)
+    test_logits, test_labels = predict(ctx.data.test)
+    return (val_logits.float(), val_labels), (test_logits.float(), test_labels)
+
+
+def save_logits(ctx: RunContext, test: tuple[Tensor, Tensor], calibrated: dict[str, Tensor], selected: str) -> None:
+    """Test logits before and after (the selected calibrator's in ``calibrated``, every one's in
+    ``by_method``) for ``harness plot reliability RUN_DIR``."""
+    if not ctx.run_dir:
+        return
+    torch.save(
+        {
+            "logits": test[0].cpu(),
+            "calibrated": calibrated[selected].float().cpu(),
+            "labels": test[1].cpu(),
+            "method": selected,
+            "by_method": {k: v.float().cpu() for k, v in calibrated.items()},
+        },
+        Path(ctx.run_dir) / LOGITS_FILE,
+    )
 
 
 class PostHocCalibrator(Technique):
@@ -81,38 +113,28 @@ class PostHocCalibrator(Technique):
         raise NotImplementedError
 
     def finalize(self, model: nn.Module, ctx: RunContext) -> dict[str, Any]:
-        if "predict" not in ctx.extras:
-            raise RuntimeError(
-                "post-hoc calibration needs the loop to set ctx.extras['predict'](split) -> (logits, labels)"
-            )
-        predict = ctx.extras["predict"]
-        val_logits, val_labels = predict(ctx.data.val)
-        test_logits, test_labels = predict(ctx.data.test)
-        with torch.enable_grad():  # fitting needs autograd even if the caller runs under no_grad
-            self.fit(val_logits.float(), val_labels)
-        self.fit_samples = len(val_labels)
-        with torch.no_grad():
-            calibrated = self.transform(test_logits.float())
-            val_after = calibration_metrics(self.transform(val_logits.float()), val_labels, prefix="val_")
-        after = calibration_metrics(calibrated, test_labels, prefix="test_")
+        val, test = final_logits(ctx)
+        calibrated, after = self.fit_and_evaluate(val, test)
         metrics = {f"{k}_after": v for k, v in after.items()}
-        metrics["val_nll_after"] = val_after["val_nll"]
-        if ctx.run_dir:
-            torch.save(
-                {
-                    "logits": test_logits.float().cpu(),
-                    "calibrated": calibrated.float().cpu(),
-                    "labels": test_labels.cpu(),
-                    "method": self.name,
-                    "params": self.params(),
-                },
-                Path(ctx.run_dir) / LOGITS_FILE,
-            )
+        save_logits(ctx, test, {self.name: calibrated}, self.name)
         reliability = {
-            "before": reliability_bins(test_logits.float().softmax(-1), test_labels),
-            "after": reliability_bins(calibrated.float().softmax(-1), test_labels),
+            "before": reliability_bins(test[0].softmax(-1), test[1]),
+            "after": reliability_bins(calibrated.float().softmax(-1), test[1]),
         }
         return {"metrics": metrics, "params": self.params(), "reliability": reliability}
+
+    def fit_and_evaluate(self, val: tuple[Tensor, Tensor], test: tuple[Tensor, Tensor]) -> tuple[Tensor, dict]:
+        """Fit on the validation (logits, labels); return the calibrated test logits and the metrics after
+        calibration (``test_<metric>`` on test, plus ``val_nll``: the fitted map's validation NLL)."""
+        with torch.enable_grad():  # fitting needs autograd even if the caller runs under no_grad
+            self.fit(val[0], val[1])
+        self.fit_samples = len(val[1])
+        with torch.no_grad():
+            calibrated = self.transform(test[0])
+            val_after = calibration_metrics(self.transform(val[0]), val[1], prefix="val_")
+        after = calibration_metrics(calibrated, test[1], prefix="test_")
+        after["val_nll"] = val_after["val_nll"]
+        return calibrated, after
 
     def summary(self) -> dict[str, Any]:
         # the fitted parameters reach the record through finalize's "params"
@@ -340,3 +362,68 @@ class HistogramBinning(PostHocCalibrator):
 
     def params(self) -> dict[str, Any]:
         return {"n_bins": self.n_bins, "classes": int(self.theta.shape[0])}
+
+
+class Calibrators(Technique):
+    """Several post-hoc calibrators fitted on one trained model (``calibration=[temperature,vector,isotonic]``,
+    i.e. ``calibration=compare calibration.methods=[...]``): the validation and test logits are computed once,
+    each method (built from its own ``conf/calibration/<method>.yaml``, search path included) is fitted on
+    validation only and evaluated on test. The record gets ``test_<metric>_after_<method>`` and
+    ``val_nll_after_<method>`` for each, and the plain ``test_<metric>_after`` of the method with the lowest
+    validation NLL (chosen on validation, never on test), named in ``techniques.calibration.selected``."""
+
+    name = "compare"
+
+    def __init__(self, methods: list[str]):
+        names = [str(m) for m in methods or []]
+        if not names or len(set(names)) != len(names):
+            raise ConfigError(
+                f"calibration.methods={names} must name one or more distinct post-hoc calibrators, "
+                "e.g. calibration=[temperature,vector,isotonic]"
+            )
+        self.methods: dict[str, PostHocCalibrator] = {}
+        valid = [c for c in list_choices("calibration") if c not in (*NO_CHOICE, self.name)]
+        for name in names:
+            if name not in valid:
+                raise ConfigError(unknown_choice_message("calibrator in calibration.methods", name, valid))
+            meta, params = split("calibration", spec_of("calibration", {"name": name}))
+            calibrator = instantiate("calibration", params, name)
+            if not isinstance(calibrator, PostHocCalibrator):
+                raise ConfigError(f"calibration={name} is not a post-hoc calibrator ({type(calibrator).__name__})")
+            self.methods[name] = calibrator
+        self.selected: str | None = None
+        self.fit_samples = 0
+
+    def prepare_model(self, model: nn.Module, ctx: RunContext) -> nn.Module:
+        for calibrator in self.methods.values():
+            model = calibrator.prepare_model(model, ctx)
+        return model
+
+    def finalize(self, model: nn.Module, ctx: RunContext) -> dict[str, Any]:
+        val, test = final_logits(ctx)
+        metrics: dict[str, float] = {}
+        calibrated: dict[str, Tensor] = {}
+        afters: dict[str, dict[str, float]] = {}
+        for name, calibrator in self.methods.items():
+            calibrated[name], afters[name] = calibrator.fit_and_evaluate(val, test)
+            metrics.update({f"{k}_after_{name}": v for k, v in afters[name].items()})
+        self.selected = min(afters, key=lambda n: afters[n]["val_nll"])  # selection reads validation only
+        self.fit_samples = len(val[1])
+        metrics.update({f"{k}_after": v for k, v in afters[self.selected].items()})
+        save_logits(ctx, test, calibrated, self.selected)
+        reliability = {
+            "before": reliability_bins(test[0].softmax(-1), test[1]),
+            "after": reliability_bins(calibrated[self.selected].float().softmax(-1), test[1]),
+            "after_by_method": {n: reliability_bins(c.float().softmax(-1), test[1]) for n, c in calibrated.items()},
+        }
+        params = {name: c.params() for name, c in self.methods.items()}
+        return {"metrics": metrics, "params": params, "reliability": reliability}
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "fit_split": "val",
+            "fit_samples": self.fit_samples,
+            "methods": list(self.methods),
+            "selected": self.selected,
+            "selected_by": "val_nll",
+        }
