@@ -36,6 +36,8 @@ class ChoiceConfig:
     description: str = ""
     paper: str = ""
     source: str = ""  # the library that implements it, when not the harness
+    # the reference implementation a conformance test (tests/test_conformance.py) checks it against, or ""
+    checked_against: str = ""
 
 
 @dataclass
