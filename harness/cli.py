@@ -18,6 +18,7 @@ from pathlib import Path
 
 from harness.config import CONF_DIR, GROUPS, list_choices, task_for
 from harness.errors import ConfigError, DataMissingError, InfraFault
+from harness.infra.overrides import check_key, check_launcher, check_seed, explain_parse_error
 from harness.registry import unknown_choice_message
 
 # subcommand -> "module:function" taking argv and returning an exit code
@@ -48,16 +49,22 @@ def check_overrides(args: list[str]) -> None:
     overrides = [a for a in args if not a.startswith("-") and "=" in a]
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
-    except Exception as e:  # Hydra's grammar errors already name the bad override
-        raise ConfigError(str(e)) from e
+    except Exception as e:  # Hydra's grammar errors name the override; huge numbers and non-ASCII get a clearer word
+        raise ConfigError(explain_parse_error(overrides, e)) from e
     extra = task_override(parsed)
     results_dir = "results"
     for o in parsed:
         key = o.key_or_group
         if key == "results_dir" and not o.is_sweep_override():
             results_dir = str(o.value())
+        if not o.is_delete() and not key.startswith("+") and o.input_line and not o.input_line.startswith("+"):
+            check_key(key, groups=not any(x.key_or_group == "hydra.searchpath" for x in parsed))  # did you mean ...?
         if (key.startswith("trainer.") or key == "seed") and not o.is_delete():
             check_type(key, o)
+        if key == "seed" and not o.is_delete():
+            check_seed(list(o.sweep_iterator()) if o.is_sweep_override() else [o.value()])
+        if key == "hydra/launcher" and not o.is_delete():
+            check_launcher(o.get_value_element_as_str())
         if key not in GROUPS or o.is_delete():
             continue
         choices = list_choices(key)

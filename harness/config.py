@@ -129,8 +129,20 @@ def validate(cfg: DictConfig) -> None:
     if t.progress not in ("auto", "bar", "plain", "none"):
         raise ConfigError(f"trainer.progress={t.progress!r}; valid choices: auto, bar, plain, none")
     validate_task(cfg.task)
+    validate_dataset_sizes(cfg.dataset)
     if cfg.precision.name not in ("auto", "fp32", "bf16", "fp16"):
         raise ConfigError(f"precision={cfg.precision.name!r}; valid choices: auto, bf16, fp16, fp32")
+
+
+def validate_dataset_sizes(dataset: DictConfig) -> None:
+    """``+dataset.train_subset=0`` or ``-5`` would train on everything or on all but 5, and
+    ``dataset.val_size=-1`` on all but one: refused before any work."""
+    sub = dataset.get("train_subset")
+    if sub is not None and (isinstance(sub, bool) or not isinstance(sub, int) or sub < 1):
+        raise ConfigError(f"dataset.train_subset={sub} must be a positive number of training samples (or absent)")
+    val = dataset.get("val_size")
+    if val is not None and (isinstance(val, bool) or not isinstance(val, int) or val < 0):
+        raise ConfigError(f"dataset.val_size={val} must be an integer >= 0 (0: no validation split)")
 
 
 def validate_task(task: DictConfig) -> None:
