@@ -134,7 +134,12 @@ def resolve(cfg: DictConfig, run_dir: Path, choices: dict[str, str], overrides: 
             plan.done = rec
             return plan
     # pre-flight: everything that can fail without data
-    check_optimizer(cfg.optimizer)
+    check_optimizer(
+        cfg.optimizer,
+        precision=cfg.precision.name,
+        world_size=distributed.env_world_size(),
+        compile=bool(cfg.trainer.compile),
+    )
     check_schedule(cfg.schedule)
     spec = data_spec(cfg.dataset, cfg.data_dir)
     if spec.train_size is not None and int(cfg.trainer.batch_size) > spec.train_size:

@@ -47,8 +47,11 @@ PROGRESS_STATE = (
 )
 
 
+MAX_CONSECUTIVE_SKIPS = 20  # fp16: this many skipped steps in a row (scale / 2**20) ends the run as diverged
+
+
 class Diverged(RuntimeError):
-    """The training loss became NaN or infinite."""
+    """The training loss became NaN or infinite, or the fp16 loss scale collapsed."""
 
 
 def split_batch(batch: Batch, parts: int) -> list[Batch]:
@@ -108,6 +111,10 @@ class Trainer:
         self.time_to_target: float | None = None
         self.target_epoch: int | None = None
         self.skipped_steps = torch.zeros((), device=self.device)
+        # fp16: a run of consecutive skipped steps (the scale halves on each) means the scale collapsed
+        self.skip_streak = torch.zeros((), device=self.device)
+        self.max_skip_streak = torch.zeros((), device=self.device)
+        self.max_consecutive_skips = int(cfg.precision.get("max_consecutive_skips", MAX_CONSECUTIVE_SKIPS))
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
         self.partial: dict[str, Any] | None = None  # position in an epoch interrupted by preemption
         self.final_metrics: dict[str, float] = {}
@@ -246,11 +253,23 @@ class Trainer:
         before = self.scaler._scale.clone()  # a step with inf/nan gradients is skipped and lowers the scale
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.skipped_steps += (self.scaler._scale < before).float()
+        skipped = (self.scaler._scale < before).float()
+        self.skipped_steps += skipped
+        self.skip_streak = (self.skip_streak + 1) * skipped  # on the device: no host sync
+        self.max_skip_streak = torch.maximum(self.max_skip_streak, self.skip_streak)
 
     def check_finite(self, where: str) -> None:
+        """Raise Diverged on a non-finite loss, or (fp16) when the gradient scaler skipped
+        ``precision.max_consecutive_skips`` steps in a row: the gradients overflow at every scale, the
+        weights no longer change, and the loss the loop sees stays finite."""
         if distributed.any_true(self.nonfinite):
             raise Diverged(f"non-finite training loss {where}")
+        if self.scaler.is_enabled() and distributed.any_true(self.max_skip_streak >= self.max_consecutive_skips):
+            raise Diverged(
+                f"fp16 loss scale collapsed {where}: {int(self.max_skip_streak.item())} consecutive steps skipped "
+                f"for inf/nan gradients (limit precision.max_consecutive_skips={self.max_consecutive_skips}), "
+                f"scale {self.scaler.get_scale():.3g}"
+            )
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -386,5 +405,6 @@ class Trainer:
             out["grad_scaler"] = {
                 "final_scale": float(self.scaler.get_scale()),
                 "skipped_steps": int(self.skipped_steps.item()),
+                "max_consecutive_skipped": int(self.max_skip_streak.item()),
             }
         return out

@@ -266,12 +266,45 @@ def _dummy_model() -> nn.Module:
     return nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
 
 
-def check_optimizer(cfg: DictConfig) -> None:
+def check_optimizer(
+    cfg: DictConfig, *, precision: str = "fp32", world_size: int = 1, compile: bool = False
+) -> torch.optim.Optimizer:
     """Build the optimizer on a dummy model, so a bad optimizer config (unknown class or key, a value
-    out of range, a bad Lookahead or lr_scaling) fails before data is loaded. Raises ConfigError."""
+    out of range, a bad Lookahead or lr_scaling) fails before data is loaded, and refuse what a
+    second-order optimizer cannot run with (:func:`check_second_order`). Raises ConfigError."""
     spec = build.spec_of("optimizer", cfg)
     harness, _ = build.split("optimizer", spec)
-    build_optimizer(spec, _dummy_model(), batch_size=int(harness.base_batch_size), total_steps=1000)
+    opt = build_optimizer(spec, _dummy_model(), batch_size=int(harness.base_batch_size), total_steps=1000)
+    if opt.second_order:
+        check_second_order(harness.name or str(spec.get("_target_")), precision, world_size, compile)
+    return opt
+
+
+def check_second_order(name: str, precision: str, world_size: int, compile: bool) -> None:
+    """SophiaH and AdaHessian take Hessian-vector products through ``loss.backward(create_graph=True)``:
+
+    - under fp16 the GradScaler scales the loss (by 65,536 at first), so the Hessian estimate is that
+      many times too large, and its overflow skips steps; bf16 and fp32 need no scaler;
+    - DistributedDataParallel does not support double backward (pytorch/pytorch#63929);
+    - torch.compile does not trace double backward.
+
+    Refused before any work, naming the combinations that work."""
+    works = "it runs with precision=fp32, bf16 or auto, in one process (no torchrun), trainer.compile=false"
+    if precision == "fp16":
+        raise ConfigError(
+            f"optimizer={name} is second order (Hessian-vector products of the loss) and precision=fp16 scales "
+            f"the loss by the GradScaler's factor (65,536 at first), so its Hessian estimate would be that much "
+            f"too large; {works}"
+        )
+    if world_size > 1:
+        raise ConfigError(
+            f"optimizer={name} is second order (loss.backward(create_graph=True)), which DistributedDataParallel "
+            f"does not support (pytorch/pytorch#63929), and this is a torchrun job of WORLD_SIZE={world_size}; {works}"
+        )
+    if compile:
+        raise ConfigError(
+            f"optimizer={name} is second order (double backward), which torch.compile does not trace; {works}"
+        )
 
 
 def build_optimizer(cfg: DictConfig, model: nn.Module, *, batch_size: int, total_steps: int) -> torch.optim.Optimizer:
