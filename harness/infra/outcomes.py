@@ -14,8 +14,10 @@ raised an exception that the harness did not turn into an outcome itself.
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
+import os
 import shlex
 import sys
 import time
@@ -28,6 +30,39 @@ from omegaconf import DictConfig, OmegaConf
 
 from harness.errors import ConfigError, DataMissingError, infra_fault
 from harness.records import RECORD_NAME, atomic_write_text, read_record
+
+EXIT_FAILED = 1
+_registered = False
+
+
+def in_submitit_job() -> bool:
+    """True inside a job started by submitit (``submitit.core._submit`` sets SUBMITIT_FOLDER)."""
+    return bool(os.environ.get("SUBMITIT_FOLDER"))
+
+
+def _exit_failed() -> None:
+    print(
+        f"harness: the run did not finish ok; exiting with status {EXIT_FAILED} so the scheduler reports the job as failed",
+        file=sys.stderr,
+    )
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(EXIT_FAILED)
+
+
+def fail_job_at_exit() -> None:
+    """Make this submitit job exit non-zero after submitit has written its result (no-op outside
+    submitit: the basic launcher's exit status already comes from the exception, and joblib
+    worker processes are shared between jobs)."""
+    global _registered
+    if in_submitit_job() and not _registered:
+        _registered = True
+        atexit.register(_exit_failed)
+
 
 log = logging.getLogger("harness")
 
@@ -88,7 +123,6 @@ def run_sweep_job(call, run_dir: Path) -> dict[str, Any]:
     whatever happens into an outcome: nothing is raised for a refused, failed or diverged run, so
     the other jobs run and the sweep ends with a summary. Interruptions (SIGTERM, Ctrl-C) are
     noted and re-raised. A non-ok outcome also makes a submitit job exit non-zero."""
-    from harness.infra import launchers
 
     info = _job_info() or {"sweep_dir": str(run_dir.parent), "job": 0, "overrides": [], "job_dir": str(run_dir)}
     try:
@@ -122,7 +156,7 @@ def run_sweep_job(call, run_dir: Path) -> dict[str, Any]:
         message = f"an ok record exists: {rec.get('run_dir')}" if status == "skipped" else _metrics(rec)
         out = write_outcome(info, status, message, rec.get("run_dir") or str(run_dir))
     if out["status"] not in SUCCESS:
-        launchers.fail_job_at_exit()
+        fail_job_at_exit()
     return out
 
 

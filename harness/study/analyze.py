@@ -1,0 +1,423 @@
+"""Selection, statistics and the verdict of a study.
+
+* Selection: each arm's best tuning trial on the task's metric **on the validation split** (a diverged
+  or failed trial is never selected); ties go to the earlier trial.
+* Statistics over the fresh seeds of each arm: mean, sample standard deviation, 95% t interval; the
+  difference to the baseline with a percentile bootstrap 95% interval (Efron & Tibshirani 1993) and
+  Welch's unequal-variance t-test (Welch 1947), Holm–Bonferroni-corrected over the arms (Holm 1979,
+  "A simple sequentially rejective multiple test procedure"); no p-value without variance in both groups;
+  the probability of improvement P(X_arm better than X_baseline) over all seed pairs (the Mann–Whitney
+  statistic; Agarwal et al. 2021, "Deep RL at the edge of the statistical precipice").
+* Verdict: ``reproduced`` when the criterion holds at the study's level, ``contradicted`` when its
+  opposite does, ``inconclusive`` otherwise, with the seeds per arm a two-sided test at the observed
+  variance would need for 80% power.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+from scipy import stats
+
+from harness.records import METRIC_DIRECTIONS
+from harness.study.plan import Job
+from harness.study.spec import Study
+
+POWER = 0.8
+
+
+def task_info(records: list[dict[str, Any] | None]) -> dict[str, Any]:
+    for r in records:
+        if r and r.get("task"):
+            return r["task"]
+    return {"metric": "acc", "direction": "max", "split": "val", "report_split": "test"}
+
+
+def direction_of(metric: str, task: dict[str, Any]) -> str:
+    base = metric.split("_", 1)[1] if metric.startswith(("val_", "test_", "train_")) else metric
+    base = base.split("_after")[0]
+    if base == task.get("metric"):
+        return task.get("direction", "max")
+    return METRIC_DIRECTIONS.get(base, "max")
+
+
+def better(a: float, b: float, direction: str) -> bool:
+    return a > b if direction == "max" else a < b
+
+
+def select(study: Study, jobs: list[Job], recs: dict[str, dict[str, Any] | None]) -> dict[str, dict[str, Any]]:
+    """Each arm's selected hyper-parameters (``{}``: its published defaults when the budget is 0)."""
+    if study.budget == 0:
+        return {a.name: {} for a in study.arms}
+    task = task_info(list(recs.values()))
+    metric = f"{task['split']}_{task['metric']}"
+    out: dict[str, dict[str, Any]] = {}
+    for arm in study.arms:
+        best = None
+        for job in (j for j in jobs if j.arm == arm.name):
+            rec = recs.get(job.label)
+            value = (rec or {}).get("metrics", {}).get(metric) if rec and rec.get("status") == "ok" else None
+            if value is None or not math.isfinite(value):
+                continue
+            if best is None or better(value, best[0], task["direction"]):
+                best = (value, job)
+        if best is not None:
+            out[arm.name] = dict(best[1].params)
+    return out
+
+
+def holm(pvalues: dict[str, float | None]) -> dict[str, float | None]:
+    """Holm–Bonferroni adjusted p-values (None stays None and is not counted)."""
+    named = sorted(((p, k) for k, p in pvalues.items() if p is not None), key=lambda t: t[0])
+    m, out, running = len(named), {k: None for k in pvalues}, 0.0
+    for i, (p, k) in enumerate(named):
+        running = max(running, min(1.0, (m - i) * p))
+        out[k] = running
+    return out
+
+
+def summary(values: list[float], proportion: bool = False) -> dict[str, Any]:
+    x = np.asarray(values, dtype=float)
+    n = len(x)
+    out: dict[str, Any] = {
+        "n": n,
+        "mean": float(x.mean()) if n else None,
+        "std": float(x.std(ddof=1)) if n > 1 else None,
+    }
+    if n > 1 and out["std"] > 0:
+        lo, hi = stats.t.interval(0.95, n - 1, loc=out["mean"], scale=out["std"] / math.sqrt(n))
+        if proportion and ((x >= 0) & (x <= 1)).all():  # an accuracy's interval stays inside [0, 1]
+            lo, hi = max(lo, 0.0), min(hi, 1.0)
+        out["ci"] = [float(lo), float(hi)]
+    else:
+        out["ci"] = None
+    return out
+
+
+def compare(a: list[float], b: list[float], direction: str, alpha: float) -> dict[str, Any]:
+    """Arm ``a`` against ``b``: difference of means (raw units), bootstrap interval, Welch p, P(improvement)."""
+    xa, xb = np.asarray(a, float), np.asarray(b, float)
+    out: dict[str, Any] = {"delta": float(xa.mean() - xb.mean()) if len(xa) and len(xb) else None}
+    out["delta_ci"] = None
+    if len(xa) > 1 and len(xb) > 1 and (xa.std() > 0 or xb.std() > 0):
+        res = stats.bootstrap(
+            (xa, xb), lambda x, y, axis: np.mean(x, axis=axis) - np.mean(y, axis=axis),
+            n_resamples=4000, method="percentile", random_state=0, vectorized=True,
+        )  # fmt: skip
+        out["delta_ci"] = [float(res.confidence_interval.low), float(res.confidence_interval.high)]
+    out["p"] = None
+    if len(xa) > 1 and len(xb) > 1 and xa.std(ddof=1) > 0 and xb.std(ddof=1) > 0:
+        out["p"] = float(stats.ttest_ind(xa, xb, equal_var=False).pvalue)
+    if len(xa) and len(xb):
+        wins = sum(1.0 if better(x, y, direction) else 0.5 if x == y else 0.0 for x in xa for y in xb)
+        out["prob_improvement"] = wins / (len(xa) * len(xb))
+    else:
+        out["prob_improvement"] = None
+    return out
+
+
+def welch_interval(a: list[float], b: list[float], level: float) -> list[float] | None:
+    """Welch–Satterthwaite interval of mean(a) - mean(b)."""
+    xa, xb = np.asarray(a, float), np.asarray(b, float)
+    if len(xa) < 2 or len(xb) < 2:
+        return None
+    va, vb = xa.var(ddof=1) / len(xa), xb.var(ddof=1) / len(xb)
+    se = math.sqrt(va + vb)
+    d = float(xa.mean() - xb.mean())
+    if se == 0:
+        return [d, d]
+    df = (va + vb) ** 2 / (va**2 / (len(xa) - 1) + vb**2 / (len(xb) - 1))
+    lo, hi = stats.t.interval(level, df, loc=d, scale=se)
+    return [float(lo), float(hi)]
+
+
+def seeds_needed(a: list[float], b: list[float], effect: float, alpha: float) -> int | None:
+    """Seeds per arm for a two-sided test at level ``alpha`` with 80% power to detect ``effect`` at the
+    observed pooled standard deviation (normal approximation)."""
+    if len(a) < 2 or len(b) < 2 or not effect:
+        return None
+    sd = math.sqrt((np.var(a, ddof=1) + np.var(b, ddof=1)) / 2)
+    if sd == 0:
+        return None
+    z = stats.norm.ppf(1 - alpha / 2) + stats.norm.ppf(POWER)
+    return max(2, int(math.ceil(2 * (z * sd / abs(effect)) ** 2)))
+
+
+def _u(metric: str, v: float, signed: bool = True) -> str:
+    """A value of ``metric`` as the report shows it (accuracies in percentage points)."""
+    if metric.endswith(("_acc", "_top5")):
+        return f"{100 * v:+.2f} pp" if signed else f"{100 * v:.2f} %"
+    return f"{v:+.4g}" if signed else f"{v:.4g}"
+
+
+def _values(runs: list[dict[str, Any]], metric: str) -> list[float]:
+    return [
+        r["metrics"][metric] for r in runs if r["status"] == "ok" and isinstance(r["metrics"].get(metric), (int, float))
+    ]
+
+
+def analyze(
+    study: Study,
+    tune: list[Job],
+    tune_recs: dict[str, dict[str, Any] | None],
+    seeds: list[Job],
+    seed_recs: dict[str, dict[str, Any] | None],
+    selected: dict[str, dict[str, Any]],
+) -> dict[str, Any]:
+    task = task_info([*seed_recs.values(), *tune_recs.values()])
+    metric = f"{task['report_split']}_{task['metric']}"
+    sel_metric = f"{task['split']}_{task['metric']}"
+    direction = task["direction"]
+    arms: list[dict[str, Any]] = []
+    for arm in study.arms:
+        trials = [_run_row(j, tune_recs.get(j.label), sel_metric) for j in tune if j.arm == arm.name]
+        runs = [_run_row(j, seed_recs.get(j.label), metric) for j in seeds if j.arm == arm.name]
+        chosen = selected.get(arm.name)
+        every = [r for r in (*trials, *runs) if r["status"] in ("ok", "diverged", "failed")]
+        arms.append(
+            {
+                "name": arm.name,
+                "baseline": arm.baseline,
+                "overrides": arm.overrides,
+                "space": [p.__dict__ for p in arm.params],
+                "selected": chosen,
+                "on_edge": sorted(p.key for p in arm.params if chosen and p.key in chosen and p.on_edge(chosen[p.key])),
+                "trials": trials,
+                "runs": runs,
+                "values": _values(runs, metric),
+                "budget_trials": len(trials),
+                "cost_hours": sum(r["seconds"] or 0 for r in every) / 3600,
+                "device": next((r["device"] for r in every if r["device"]), None),
+                **_means(runs),
+            }
+        )
+    base = next(a for a in arms if a["baseline"])
+    for a in arms:
+        a.update(summary(a["values"], proportion=metric.endswith(("_acc", "_top5"))))
+        a["comparison"] = None if a["baseline"] else compare(a["values"], base["values"], direction, study.alpha)
+    adjusted = holm({a["name"]: a["comparison"]["p"] for a in arms if a["comparison"]})
+    for a in arms:
+        if a["comparison"]:
+            a["comparison"]["p_holm"] = adjusted[a["name"]]
+    return {
+        "study": {
+            "name": study.name,
+            "description": study.description,
+            "task": study.task,
+            "scale": study.scale,
+            "budget": study.budget,
+            "seeds": study.seed_list(),
+            "sampler": study.sampler,
+            "sampler_seed": study.sampler_seed,
+            "tune_seed": study.tune_seed,
+            "alpha": study.alpha,
+            "overrides": study.overrides,
+            "source": study.source,
+            "claim": study.claim,
+        },
+        "task": task,
+        "metric": metric,
+        "selection_metric": sel_metric,
+        "direction": direction,
+        "arms": arms,
+        "verdict": verdict(study, arms, task, metric),
+    }
+
+
+def _run_row(job: Job, rec: dict[str, Any] | None, metric: str) -> dict[str, Any]:
+    rec = rec or {}
+    m = rec.get("metrics") or {}
+    return {
+        "label": job.label,
+        "index": job.index,
+        "seed": job.seed,
+        "params": job.params,
+        "status": rec.get("status", "refused" if not rec else "unknown"),
+        "value": m.get(metric),
+        "metrics": m,
+        "run_key": rec.get("run_key"),
+        "run_dir": rec.get("run_dir"),
+        "seconds": (rec.get("timing") or {}).get("total_s"),
+        "time_to_target_s": (rec.get("timing") or {}).get("time_to_target_s"),
+        "samples_per_s": (rec.get("throughput") or {}).get("samples_per_s"),
+        "tokens_per_s": (rec.get("throughput") or {}).get("tokens_per_s"),
+        "peak_bytes": (rec.get("memory") or {}).get("peak_bytes"),
+        "steps": rec.get("steps"),
+        "curve": rec.get("curve") or [],
+        "device": (rec.get("hardware") or {}).get("device_name") or (rec.get("hardware") or {}).get("device"),
+        "error": rec.get("error"),
+    }
+
+
+def _mean(xs: list[Any]) -> float | None:
+    xs = [x for x in xs if isinstance(x, (int, float)) and math.isfinite(x)]
+    return float(np.mean(xs)) if xs else None
+
+
+def _means(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    ok = [r for r in runs if r["status"] == "ok"]
+    out = {
+        "time_to_target_s": _mean([r["time_to_target_s"] for r in ok]),
+        "reached_target": sum(r["time_to_target_s"] is not None for r in ok),
+        "samples_per_s": _mean([r["samples_per_s"] for r in ok]),
+        "tokens_per_s": _mean([r["tokens_per_s"] for r in ok]),
+        "peak_bytes": max((r["peak_bytes"] for r in ok if r["peak_bytes"]), default=None),
+        "failed_runs": sum(r["status"] != "ok" for r in runs),
+    }
+    for key in ("test_ece", "test_nll", "test_ece_after", "test_nll_after"):
+        out[key] = _mean([r["metrics"].get(key) for r in ok])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- verdicts
+def verdict(study: Study, arms: list[dict[str, Any]], task: dict[str, Any], metric: str) -> dict[str, Any]:
+    claim = study.claim or {}
+    crit = dict(claim.get("criterion") or {})
+    if not crit:
+        return {
+            "verdict": "none",
+            "reason": "the study states no claim; see the per-arm comparisons",
+            "criterion": None,
+        }
+    by_name = {a["name"]: a for a in arms}
+    arm = by_name[crit["arm"]]
+    versus = by_name[crit.get("versus") or next(a["name"] for a in arms if a["baseline"])]
+    kind = crit["kind"]
+    m = crit.get("metric") or metric
+    direction = "min" if kind == "lower" else direction_of(m, task)
+    if kind == "reaches_fraction":
+        return _reaches_fraction(crit, arm, versus, study)
+    a = _values(arm["runs"], m)
+    b = _values(versus["runs"], m)
+    base = {
+        "criterion": crit,
+        "metric": m,
+        "direction": direction,
+        "arm": arm["name"],
+        "versus": versus["name"],
+        "n": [len(a), len(b)],
+    }
+    if len(a) < 2 or len(b) < 2:
+        return {
+            **base,
+            "verdict": "inconclusive",
+            "reason": f"fewer than 2 successful seeds ({len(a)} vs {len(b)})",
+            "seeds_needed": None,
+        }
+    sign = 1 if direction == "max" else -1
+    d = float(np.mean(a) - np.mean(b))
+    good = sign * d
+    base.update({"delta": d, "mean": [float(np.mean(a)), float(np.mean(b))]})
+    if kind in ("better", "lower"):
+        cmp = arm.get("comparison") if m == metric and versus["baseline"] and kind == "better" else None
+        p = (cmp or {}).get("p_holm") if cmp else compare(a, b, direction, study.alpha)["p"]
+        base["p"] = p
+        if p is None:
+            return {
+                **base,
+                "verdict": "inconclusive",
+                "reason": "no variance in one of the groups: no test",
+                "seeds_needed": None,
+            }
+        if p < study.alpha:
+            v = "reproduced" if good > 0 else "contradicted"
+            return {
+                **base,
+                "verdict": v,
+                "reason": f"{m} {'better' if good > 0 else 'worse'} by {abs(d):.4g} (p = {p:.3g} < {study.alpha})",
+            }
+        return {
+            **base,
+            "verdict": "inconclusive",
+            "reason": f"difference {_u(m, d)} not significant (p = {p:.3g})",
+            "seeds_needed": seeds_needed(a, b, d, study.alpha),
+        }
+    if kind == "not_worse":
+        margin = float(crit.get("margin", 0.0))
+        ci = welch_interval(a, b, 1 - study.alpha)
+        lo, hi = sorted(sign * x for x in ci)
+        base.update({"margin": margin, "ci_good_direction": [lo, hi]})
+        if lo > -margin:
+            return {
+                **base,
+                "verdict": "reproduced",
+                "reason": f"{m}: difference in the good direction {good:+.4g}, {1 - study.alpha:.0%} interval [{lo:+.4g}, {hi:+.4g}] above -{margin:g}",
+            }
+        if hi < -margin:
+            return {
+                **base,
+                "verdict": "contradicted",
+                "reason": f"{m}: worse by more than {margin:g}: interval [{lo:+.4g}, {hi:+.4g}]",
+            }
+        return {
+            **base,
+            "verdict": "inconclusive",
+            "reason": f"{m}: difference {_u(m, good)}, {1 - study.alpha:.0%} interval [{_u(m, lo)}, {_u(m, hi)}] straddles the margin -{_u(m, margin, False)}",
+            "seeds_needed": seeds_needed(a, b, good + margin, study.alpha),
+        }
+    if kind == "lower_std":
+        sa, sb = float(np.std(a, ddof=1)), float(np.std(b, ddof=1))
+        p = float(stats.levene(a, b, center="median").pvalue) if (sa > 0 or sb > 0) else None
+        base.update({"std": [sa, sb], "p": p})
+        if p is not None and p < study.alpha:
+            v = "reproduced" if sa < sb else "contradicted"
+            return {
+                **base,
+                "verdict": v,
+                "reason": f"across-seed std {sa:.4g} vs {sb:.4g} (Brown–Forsythe p = {p:.3g})",
+            }
+        return {
+            **base,
+            "verdict": "inconclusive",
+            "reason": f"across-seed std {sa:.4g} vs {sb:.4g}, not significantly different"
+            + (f" (p = {p:.3g})" if p is not None else ""),
+        }
+    raise ValueError(f"unknown criterion {kind}")
+
+
+def _reaches_fraction(
+    crit: dict[str, Any], arm: dict[str, Any], versus: dict[str, Any], study: Study
+) -> dict[str, Any]:
+    """Arm reaches the baseline's final value of ``metric`` (default val_loss) in at most ``fraction`` of
+    the baseline's steps."""
+    m = crit.get("metric") or "val_loss"
+    frac = float(crit.get("fraction", 1.0))
+    direction = "min" if m.endswith(("loss", "ppl")) else "max"
+    ref = [r["metrics"][m] for r in versus["runs"] if r["status"] == "ok" and m in r["metrics"]]
+    steps = [r["steps"] for r in versus["runs"] if r["status"] == "ok" and r["steps"]]
+    base = {"criterion": crit, "metric": m, "arm": arm["name"], "versus": versus["name"]}
+    if not ref or not steps:
+        return {**base, "verdict": "inconclusive", "reason": "the baseline has no successful seed run"}
+    target, total = float(np.mean(ref)), float(np.mean(steps))
+    ratios = []
+    for r in (r for r in arm["runs"] if r["status"] == "ok"):
+        hit = next(
+            (
+                p["step"]
+                for p in r["curve"]
+                if isinstance(p.get(m), (int, float)) and not better(target, p[m], direction)
+            ),
+            None,
+        )
+        ratios.append(None if hit is None else hit / total)
+    base.update({"target": target, "baseline_steps": total, "ratios": ratios, "fraction": frac})
+    reached = [x for x in ratios if x is not None]
+    if ratios and len(reached) == len(ratios) and max(reached) <= frac:
+        return {
+            **base,
+            "verdict": "reproduced",
+            "reason": f"every seed reached {m} {target:.4g} within {max(reached):.0%} of the baseline's steps (≤ {frac:.0%})",
+        }
+    if ratios and all(x is None or x > frac for x in ratios):
+        return {
+            **base,
+            "verdict": "contradicted",
+            "reason": f"no seed reached {m} {target:.4g} within {frac:.0%} of the baseline's steps",
+        }
+    return {
+        **base,
+        "verdict": "inconclusive",
+        "reason": f"ratios {['never' if x is None else f'{x:.0%}' for x in ratios]} around {frac:.0%}",
+    }
