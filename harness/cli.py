@@ -16,7 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from harness.config import CONF_DIR, GROUPS, list_choices, task_for
+from harness.config import CONF_DIR, GROUPS, choice_path, list_choices, set_searchpath, task_for
 from harness.errors import ConfigError, DataMissingError, InfraFault
 from harness.infra.overrides import check_key, check_launcher, check_seed, explain_parse_error
 from harness.registry import unknown_choice_message
@@ -30,6 +30,7 @@ USAGE = """usage: harness <command> [args]
 
 commands:
   run [hydra overrides]     train one run (or a sweep with -m); e.g. harness run optimizer=adamp model=resnet18
+  study NAME [study.k=v]    tune every arm equally, re-run fresh seeds, compare, verdict (harness study --help)
   list [group]              config groups and their choices (with each technique's paper)
   leaderboard [options]     tables, plots and an HTML report from results/ (harness leaderboard --help)
   plot reliability RUN_DIR  reliability diagram of a run, before/after post-hoc calibration
@@ -51,6 +52,9 @@ def check_overrides(args: list[str]) -> None:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except Exception as e:  # Hydra's grammar errors name the override; huge numbers and non-ASCII get a clearer word
         raise ConfigError(explain_parse_error(overrides, e)) from e
+    for o in parsed:  # hydra.searchpath=[file://my_conf]: the user's choices are valid choices
+        if o.key_or_group == "hydra.searchpath" and not o.is_delete():
+            set_searchpath(list(o.value() or []))
     extra = task_override(parsed)
     results_dir = "results"
     for o in parsed:
@@ -74,6 +78,20 @@ def check_overrides(args: list[str]) -> None:
                 raise ConfigError(unknown_choice_message(key, v, choices))
     check_writable(Path(results_dir))
     return extra
+
+
+def calibrator_lists(args: list[str]) -> list[str]:
+    """``calibration=[temperature,vector,isotonic]`` (several post-hoc calibrators on one trained model) is
+    ``calibration=compare calibration.methods=[temperature,vector,isotonic]``: one config node that lists
+    the methods, each built from its own YAML (Hydra would merge a list of choices into one node)."""
+    out = []
+    for a in args:
+        key, _, value = a.partition("=")
+        if key == "calibration" and value.strip().startswith("["):
+            out += ["calibration=compare", f"calibration.methods={value}"]
+        else:
+            out.append(a)
+    return out
 
 
 def task_override(parsed) -> list[str]:
@@ -131,7 +149,7 @@ def _stop_sweep(signum, frame) -> None:
     raise SystemExit(128 + signum)
 
 
-def run(args: list[str]) -> int:
+def run(args: list[str], study: bool = False) -> int:
     import hydra
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
@@ -140,8 +158,10 @@ def run(args: list[str]) -> int:
     from harness.infra import launchers, outcomes
     from harness.run import experiment
 
+    args = calibrator_lists(args)
     try:
-        args = [*args, *check_overrides(args)]
+        extra = check_overrides(args)
+        args = args if study else [*args, *extra]  # a study names its task in each of its runs
     except ConfigError as e:
         return fail(str(e))
     register_schema()
@@ -190,12 +210,65 @@ def run(args: list[str]) -> int:
     finally:
         distributed.shutdown()
     summary = outcomes.report(args)  # a multirun: one line per job, non-zero unless every job succeeded
+    if study:  # the study's report accounts for every run (failed trials included): done when it is written
+        from harness.study import runner
+
+        return 0 if runner.LAST_RESULT else (summary or 1)
     return state["code"] if summary is None else summary
+
+
+STUDY_USAGE = """usage: harness study NAME [study.KEY=VALUE ...] [overrides ...]
+
+Runs the study conf/study/NAME.yaml: every arm (the baseline too) gets study.budget tuning trials,
+each arm's configuration is selected on the validation split, re-run with study.seeds fresh seeds and
+compared with the baseline; the verdict and report go to <results_dir>/studies/<name>/.
+Completed runs are reused. Other overrides (hydra/launcher=slurm, data_dir=..., results_dir=...)
+apply to every run. harness list study lists the studies."""
+
+
+def study(args: list[str]) -> int:
+    """``harness study NAME [study.k=v ...] [overrides]``: check the study, then run it through Hydra's
+    multirun with the study sweeper."""
+    from harness.study.plan import check_study
+    from harness.study.spec import load
+
+    if not args or args[0] in ("-h", "--help"):
+        print(STUDY_USAGE)
+        return 0 if args else 2
+    name, rest = args[0], [a for a in args[1:] if a not in ("-m", "--multirun")]
+    study_overrides = [a for a in rest if a.lstrip("+").startswith("study.")]
+    other = [a for a in rest if a not in study_overrides]
+    try:
+        spec = load(name, study_overrides)
+        check_overrides(other)
+        for arm in spec.arms:  # every arm's choices exist, then every arm composes and its search space is valid
+            check_overrides([f"task={spec.task}", *spec.overrides, *arm.overrides])
+        check_study(spec, [o for o in other if o.split("=")[0].lstrip("+") in ("data_dir", "results_dir", "seed")])
+    except ConfigError as e:
+        return fail(str(e))
+    results_dir = next((a.split("=", 1)[1] for a in other if a.startswith("results_dir=")), "results")
+    argv = [
+        "-m",
+        f"study={name}",
+        *study_overrides,
+        "hydra/sweeper=harness_study",
+        f"hydra.sweep.dir={results_dir}/studies/{spec.name}/runs",
+        *other,
+    ]
+    return run(argv, study=True)
 
 
 def list_groups(args: list[str]) -> int:
     import yaml
 
+    paths = [
+        a for a in args if a.startswith("hydra.searchpath=")
+    ]  # harness list optimizer hydra.searchpath=[file://my_conf]
+    args = [a for a in args if a not in paths]
+    try:
+        check_overrides(paths)
+    except ConfigError as e:
+        return fail(str(e))
     groups = args or [g for g in GROUPS]
     for g in groups:
         if g not in GROUPS:
@@ -203,7 +276,7 @@ def list_groups(args: list[str]) -> int:
     for g in groups:
         print(f"{g}:")
         for choice in list_choices(g):
-            text = (CONF_DIR / g / f"{choice}.yaml").read_text()
+            text = choice_path(g, choice).read_text()
             try:
                 spec = yaml.safe_load(text) or {}
             except yaml.YAMLError:
@@ -238,6 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
     if cmd == "run":
         code = run(rest)
+    elif cmd == "study":
+        code = study(rest)
     elif cmd == "list":
         code = list_groups(rest)
     elif cmd in SUBCOMMANDS:
@@ -251,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
         except (ConfigError, DataMissingError) as e:
             code = fail(str(e))
     else:
-        code = fail(unknown_choice_message("command", cmd, ["run", "list", *SUBCOMMANDS]))
+        code = fail(unknown_choice_message("command", cmd, ["run", "study", "list", *SUBCOMMANDS]))
     return code
 
 

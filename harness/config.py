@@ -7,7 +7,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Dict  # noqa: UP035  (OmegaConf reads these annotations)
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
@@ -30,6 +30,7 @@ GROUPS = (
     "calibration",
     "quantization",
     "task",
+    "study",
 )
 
 
@@ -100,11 +101,14 @@ class RootConfig:
     calibration: Any = None
     quantization: Any = None
     task: TaskConfig = field(default_factory=TaskConfig)
+    study: Any = None  # conf/study/<name>.yaml when launched by `harness study` (the sweeper reads it)
+    study_run: Dict[str, Any] = field(default_factory=dict)  # noqa: UP006  name, arm, phase, index of a study's run
     sweep: SweepConfig = field(default_factory=SweepConfig)
     seed: int = 0
     data_dir: str = "datasets"
     results_dir: str = "results"
     resume: bool = False
+    plugins: list[str] = field(default_factory=list)  # modules imported before building (user techniques)
 
 
 def register_schema() -> None:
@@ -158,11 +162,102 @@ def validate_task(task: DictConfig) -> None:
         raise ConfigError(f"task.min_seeds={task.min_seeds} must be a positive integer")
 
 
-def list_choices(group: str) -> list[str]:
-    d = CONF_DIR / group
+# config directories added with ``hydra.searchpath=[file://my_conf, pkg://my_pkg.conf]`` (searched after the
+# package's conf/, as Hydra does); set by the command line before it validates choices
+_SEARCHPATH: list[Path] = []
+PLUGIN_GROUP = "harness.techniques"  # entry-point group of installed packages that define techniques
+
+
+def searchpath_dir(entry: str) -> Path:
+    """The directory of one ``hydra.searchpath`` entry (``file://DIR`` relative to the working directory,
+    ``pkg://package.sub``, or a bare path). Raises ConfigError when it does not exist."""
+    if entry.startswith("pkg://"):
+        import importlib.resources
+
+        ensure_project_importable()
+        module = entry[len("pkg://") :].replace("/", ".").strip(".")
+        try:
+            d = Path(str(importlib.resources.files(module)))
+        except (ModuleNotFoundError, TypeError) as e:
+            raise ConfigError(f"hydra.searchpath entry {entry!r}: package {module!r} cannot be imported ({e})") from e
+    else:
+        d = Path(entry[len("file://") :] if entry.startswith("file://") else entry).expanduser()
     if not d.is_dir():
-        return []
-    return sorted(p.stem for p in d.glob("*.yaml"))
+        raise ConfigError(f"hydra.searchpath entry {entry!r}: {d.resolve()} is not a directory")
+    return d.resolve()
+
+
+def set_searchpath(entries: list[str] | None) -> None:
+    """Search these config directories (after conf/) for choices: ``list_choices``, ``choice_path`` and
+    the task index then see ``my_conf/optimizer/adopt.yaml`` like a file of the package."""
+    _SEARCHPATH[:] = [searchpath_dir(str(e)) for e in entries or []]
+
+
+def conf_dirs() -> list[Path]:
+    """The package's conf/ and the directories of ``hydra.searchpath``, in Hydra's order."""
+    return [CONF_DIR, *_SEARCHPATH]
+
+
+def choice_path(group: str, choice: str) -> Path | None:
+    """The YAML of ``group=choice``: the first config directory that has it (Hydra's precedence)."""
+    for d in conf_dirs():
+        path = d / group / f"{choice}.yaml"
+        if path.is_file():
+            return path
+    return None
+
+
+def list_choices(group: str) -> list[str]:
+    if group == "study":  # studies may live in sub-folders: study=claims/adamp
+        return sorted(
+            {
+                str(p.relative_to(d / group).with_suffix(""))
+                for d in conf_dirs()
+                if (d / group).is_dir()
+                for p in (d / group).rglob("*.yaml")
+            }
+        )
+    return sorted({p.stem for d in conf_dirs() if (d / group).is_dir() for p in (d / group).glob("*.yaml")})
+
+
+def ensure_project_importable() -> None:
+    """Modules of the project directory (the working directory) are importable, as with ``python -m``:
+    ``_target_: my_pkg.mod.MyClip`` works for ``my_pkg/`` next to where ``harness run`` is started."""
+    import sys
+
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.append(cwd)
+
+
+def load_plugins(modules: list[str] | None = None) -> list[str]:
+    """Import the user's technique modules: ``plugins: [my_pkg.techniques]`` of the config and every entry
+    point of the group ``harness.techniques`` of installed packages. A technique is a class named by
+    ``_target_``, so importing is all a plugin needs (a module may also set up whatever its techniques use).
+    Returns the names imported; a module that cannot be imported is a ConfigError naming it."""
+    import importlib
+    from importlib.metadata import entry_points
+
+    ensure_project_importable()
+    loaded = []
+    for name in modules or []:
+        try:
+            importlib.import_module(str(name))
+        except Exception as e:  # noqa: BLE001  the user's module: name it and the reason
+            raise ConfigError(
+                f"plugins: cannot import {name!r} ({type(e).__name__}: {e}); the module must be installed or lie "
+                f"in the working directory ({os.getcwd()})"
+            ) from e
+        loaded.append(str(name))
+    for ep in entry_points(group=PLUGIN_GROUP):
+        try:
+            ep.load()
+        except Exception as e:  # noqa: BLE001
+            raise ConfigError(
+                f"entry point {ep.name} = {ep.value} (group {PLUGIN_GROUP}) cannot be loaded: {type(e).__name__}: {e}"
+            ) from e
+        loaded.append(ep.value)
+    return loaded
 
 
 def task_index() -> dict[str, dict[str, str]]:
@@ -171,7 +266,7 @@ def task_index() -> dict[str, dict[str, str]]:
 
     out = {}
     for name in list_choices("task"):
-        spec = (yaml.safe_load((CONF_DIR / "task" / f"{name}.yaml").read_text()) or {}).get("task") or {}
+        spec = (yaml.safe_load(choice_path("task", name).read_text()) or {}).get("task") or {}
         out[name] = {k: str(spec.get(k, "")) for k in ("model", "dataset", "description")}
     return out
 

@@ -33,7 +33,7 @@ TECHNIQUE_GROUPS = (
     "quantization",
 )
 # keys that never change what a run computes
-VOLATILE_KEYS = ("results_dir", "data_dir", "resume", "logger", "sweep")
+VOLATILE_KEYS = ("results_dir", "data_dir", "resume", "logger", "sweep", "study", "study_run")
 # trainer keys that are bookkeeping, not part of the task or the technique
 TRAINER_BOOKKEEPING = ("eval_every", "checkpoint_every", "log_every", "progress", "memory_check")
 

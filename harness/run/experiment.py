@@ -51,7 +51,7 @@ from harness.records import (
     write_record,
 )
 from harness.run.checkpoint import CHECKPOINT_NAME, find_resumable, load_checkpoint, remove_checkpoints
-from harness.run.preflight import preflight_memory
+from harness.run.preflight import preflight_duration, preflight_memory
 from harness.run.trainer import Diverged, Trainer
 from harness.techniques.optimizers import build_optimizer, check_optimizer
 from harness.techniques.quantization import optimizer_state_bytes
@@ -81,6 +81,7 @@ class Plan:
     environment: dict[str, Any]
     done: dict[str, Any] | None = None  # the record of a completed identical run, when it is reused
     memory: dict[str, Any] = field(default_factory=dict)
+    duration: dict[str, Any] = field(default_factory=dict)  # the pre-flight duration estimate (timing.estimated_s)
 
 
 def execute(
@@ -105,10 +106,11 @@ def resolve(cfg: DictConfig, run_dir: Path, choices: dict[str, str], overrides: 
     if cfg.task.get("name") in (None, "???") or OmegaConf.is_missing(cfg.task, "name"):
         raise ConfigError("no task: choose one with task=NAME (harness list task)")
     hconfig.validate(cfg)
+    hconfig.load_plugins(cfg.get("plugins"))  # the user's technique modules (plugins: [...], entry points)
     apply_baseline_recipe(cfg, choices, overrides)
     device = pick_device()
     environment = configure_numerics(cfg, device)
-    config = OmegaConf.to_container(cfg, resolve=True)
+    config = resolved_config(cfg)
     key = run_key(config, environment)
     plan = Plan(cfg, run_dir, choices, overrides, config, key, device, environment)
     results_dir = Path(cfg.results_dir)
@@ -187,7 +189,32 @@ def configure_numerics(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
     torch.use_deterministic_algorithms(deterministic, warn_only=True)
     torch.backends.cudnn.benchmark = device.type == "cuda" and not deterministic
     torch.backends.cudnn.deterministic = deterministic
-    return {"device": device.type, "threads": torch.get_num_threads(), "deterministic": deterministic}
+    if device.type == "cuda":  # explicit TF32 policy for float32 math (recorded in hardware.numerics; CPU untouched)
+        tf32 = bool(cfg.precision.get("tf32", True))  # +precision.tf32=false: true FP32 matmuls and convolutions
+        torch.set_float32_matmul_precision("high" if tf32 else "highest")
+        torch.backends.cudnn.allow_tf32 = tf32
+    return numerics_environment(cfg, device)
+
+
+def numerics_environment(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
+    """What changes a run's numbers besides its config (part of the run key)."""
+    return {"device": device.type, "threads": torch.get_num_threads(), "deterministic": bool(cfg.trainer.deterministic)}
+
+
+def planned_run_key(cfg: DictConfig, choices: dict[str, str], overrides: list[str]) -> str:
+    """The run key ``execute`` will compute for this composed config (without the ``hydra`` node), on
+    this machine: lets a study find the runs it already has without launching them."""
+    cfg = cfg.copy()
+    apply_baseline_recipe(cfg, choices, overrides)
+    return run_key(resolved_config(cfg), numerics_environment(cfg, pick_device()))
+
+
+def resolved_config(cfg: DictConfig) -> dict[str, Any]:
+    """The run's config as the record keeps it (and its run key hashes)."""
+    config = OmegaConf.to_container(cfg, resolve=True)
+    if not config.get("plugins"):  # no plugins: the config (and its run key) as before the key existed
+        config.pop("plugins", None)
+    return config
 
 
 # ------------------------------------------------------------------------------------------ assemble
@@ -221,6 +248,8 @@ def assemble(plan: Plan, extras: dict[str, Any]) -> Parts:
         run_dir=str(plan.run_dir),
     )
     ctx.extras.update({"run_key": plan.key, **extras})
+    est = preflight_duration(cfg, data, plan.device, build_model, build_optimizer, total, spe)  # printed before training
+    plan.duration = est.as_record() if est is not None else {}
     return Parts(data, techniques, ctx)
 
 
@@ -275,6 +304,7 @@ def start_record(plan: Plan, data, started: dt.datetime) -> dict[str, Any]:
         "run_key": plan.key,
         "seed": int(plan.cfg.seed),
         "environment": plan.environment,
+        "study": plan.config.get("study_run") or None,
         "started_at": started.isoformat(timespec="seconds"),
         "dataset_info": {
             "name": data.name,
@@ -346,6 +376,7 @@ def close_record(plan: Plan, record: dict[str, Any], trainer: Trainer | None) ->
         record["requeues"] = trainer.requeues
         record["memory"] = {**peak_memory(plan.device), **plan.memory}
         record["memory"]["optimizer_state_bytes"] = optimizer_state_bytes(trainer.optimizer)
+        record.setdefault("timing", {}).update(plan.duration)  # estimated_s next to the measured total_s
     else:
         record["memory"] = {**peak_memory(plan.device), **plan.memory}
     record["metric_directions"] = metric_directions(record.get("metrics") or {}, plan.cfg.task)
@@ -376,7 +407,10 @@ def report(record: dict[str, Any]) -> None:
         "test_ppl",
         "val_ppl",
         "test_ece",
-        "test_ece_after",
+        "test_nll",
+        "test_ece_after",  # post-hoc calibration: after-values (each calibrator's when several were fitted)
+        "test_nll_after",
+        *sorted(k for k in m if k.startswith(("test_ece_after_", "test_nll_after_"))),
     ]
     shown = list(dict.fromkeys(k for k in keys if k in m))
     summary = ", ".join(f"{k} {m[k]:.4f}" for k in shown)

@@ -5,7 +5,8 @@ split (test at the end), atomic epoch checkpoints with exact resume, and diverge
 Read it top to bottom: ``fit`` runs epochs until the budget is spent; ``train_epoch`` runs the steps of
 one epoch; ``train_step`` is one optimizer step; ``end_epoch`` evaluates, logs and checkpoints.
 
-The hot loop never synchronises with the device except at log points (every ``trainer.log_every``
+The hot loop never synchronises with the device except at progress points (every ``trainer.log_every``
+steps, the first step, and at most every few seconds: ``harness.run.progress``)
 steps) and at epoch ends: losses and the non-finite flag are accumulated as device tensors.
 """
 
@@ -47,6 +48,9 @@ PROGRESS_STATE = (
 )
 
 
+# warm-up: the first optimizer steps of each process (torch.compile's compilation, cuDNN autotuning, allocator
+# growth), timed apart from training and excluded from throughput, MFU and time to target (both recorded)
+WARMUP_STEPS = {False: 1, True: 2}  # by trainer.compile
 MAX_CONSECUTIVE_SKIPS = 20  # fp16: this many skipped steps in a row (scale / 2**20) ends the run as diverged
 
 
@@ -108,6 +112,8 @@ class Trainer:
         self.epoch = self.step = self.samples = self.requeues = 0
         self.curve: list[dict[str, Any]] = []
         self.train_s = self.eval_s = 0.0
+        self.warmup = {"warmup_s": 0.0, "warmup_steps": 0, "warmup_samples": 0, "time_to_target_with_warmup_s": None}
+        self._warm_left = WARMUP_STEPS[bool(t.compile)]
         self.time_to_target: float | None = None
         self.target_epoch: int | None = None
         self.skipped_steps = torch.zeros((), device=self.device)
@@ -118,11 +124,19 @@ class Trainer:
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
         self.partial: dict[str, Any] | None = None  # position in an epoch interrupted by preemption
         self.final_metrics: dict[str, float] = {}
+        self.progress: Progress | None = None  # set while fit runs (evaluation reports to it)
 
     # ---------------------------------------------------------------- the loop
     def fit(self) -> dict[str, Any]:
         t = self.cfg.trainer
-        progress = Progress(t.progress, self.ctx.epochs, self.ctx.steps_per_epoch)
+        progress = self.progress = Progress(
+            t.progress,
+            self.ctx.epochs,
+            self.ctx.steps_per_epoch,
+            log_every=int(t.log_every),
+            unit="tokens" if self.is_lm else "samples",
+            per_sample=self.data.input_shape[0] if self.is_lm else 1,  # tokens per sequence
+        )
         self.model.train()
         try:
             while not self.budget_spent():
@@ -135,6 +149,7 @@ class Trainer:
                 self.end_epoch(train_loss)
         finally:
             progress.close()
+            self.progress = None
         if not self.final_metrics:  # resumed after the last epoch had already run: evaluate once more
             self.final_metrics = self.evaluate(final=True)
         self.final_metrics["train_loss"] = self.curve[-1]["train_loss"] if self.curve else float("nan")
@@ -160,9 +175,11 @@ class Trainer:
             if i < skip:
                 continue
             loss = self.train_step(batch)
+            if self._warm_left:  # a warm-up step: timed apart (one host sync)
+                t0 = self._end_warmup_step(t0, batch.y.shape[0] * self.world)
             loss_sum += loss
             n_steps += 1
-            if self.step % int(self.cfg.trainer.log_every) == 0:  # log point: the only host syncs inside an epoch
+            if progress.due(self.step):  # progress point: the only host syncs inside an epoch
                 self.check_finite(f"at step {self.step} (epoch {epoch + 1})")
                 progress.update(
                     epoch, i + 1, loss.item(), ((n_steps - skip) * bs) / max(time.perf_counter() - t0, 1e-9)
@@ -176,6 +193,16 @@ class Trainer:
         self.train_s += time.perf_counter() - t0
         self.check_finite(f"in epoch {epoch + 1} (step {self.step})")
         return distributed.mean(loss_sum / max(n_steps, 1))
+
+    def _end_warmup_step(self, t0: float, samples: int) -> float:
+        self._sync()
+        now = time.perf_counter()
+        w = self.warmup
+        w["warmup_s"] += now - t0
+        w["warmup_steps"] += 1
+        w["warmup_samples"] += samples
+        self._warm_left -= 1
+        return now
 
     def train_step(self, batch: Batch) -> Tensor:
         """One optimizer step over ``batch`` (in ``trainer.grad_accum_steps`` micro-batches); returns the loss."""
@@ -209,15 +236,18 @@ class Trainer:
         point: dict[str, Any] = {
             "epoch": self.epoch,
             "step": self.step,
-            "time_s": round(self.train_s + self.eval_s, 4),
+            "time_s": round(self.train_s + self.warmup["warmup_s"] + self.eval_s, 4),
             "lr": self.optimizer.param_groups[0]["lr"],
             "train_loss": train_loss,
         }
+        if self.is_lm:  # curves of runs with different batch or context compare on tokens seen
+            point["tokens"] = self.samples * self.data.input_shape[0]
         if last or self.epoch % int(t.eval_every) == 0:
             metrics = self.evaluate(final=last)
             point.update({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
             if self.time_to_target is None and self.target_reached(metrics):
                 self.time_to_target, self.target_epoch = self.train_s, self.epoch
+                self.warmup["time_to_target_with_warmup_s"] = self.train_s + self.warmup["warmup_s"]
             if last:
                 self.final_metrics = metrics
         self.curve.append(point)
@@ -326,17 +356,38 @@ class Trainer:
     def predict(self, split) -> tuple[Tensor, Tensor]:
         """Logits (float32) and labels of a whole classification split, kept on the device."""
         logits, labels = [], []
-        with self._eval_mode():
+        with self._eval_mode(), self._eval_progress(split) as step:
             for batch in split.batches(self.cfg.trainer.eval_batch_size, train=False):
                 logits.append(self.forward(self._layout(batch.x)).float())
                 labels.append(batch.y)
+                step()
         return torch.cat(logits), torch.cat(labels)
+
+    @contextlib.contextmanager
+    def _eval_progress(self, split):
+        """Report the batches of an evaluation of ``split`` to the progress display (``eval val 3/8 batches``)."""
+        progress = self.progress
+        if progress is None:
+            yield lambda: None
+            return
+        name = next((n for n in ("val", "test", "train") if getattr(self.data, n, None) is split), "split")
+        progress.start_eval(name, split.num_batches(int(self.cfg.trainer.eval_batch_size), False))
+        done = [0]
+
+        def step() -> None:
+            done[0] += 1
+            progress.eval_step(done[0])
+
+        try:
+            yield step
+        finally:
+            progress.end_eval()
 
     def lm_loss(self, split) -> float:
         """Mean next-token cross-entropy over a whole token split, in chunks that bound the float32 logits."""
         total = torch.zeros((), device=self.device, dtype=torch.float64)
         count = 0
-        with self._eval_mode():
+        with self._eval_mode(), self._eval_progress(split) as step:
             for batch in split.batches(self.cfg.trainer.eval_batch_size, train=False):
                 rows = max(1, LM_EVAL_CHUNK_TOKENS // batch.x.shape[1])
                 for x, y in zip(batch.x.split(rows), batch.y.split(rows)):
@@ -345,6 +396,7 @@ class Trainer:
                         logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum"
                     )
                     count += y.numel()
+                step()
         return total.item() / max(count, 1)
 
     # ---------------------------------------------------------------- state
@@ -357,6 +409,7 @@ class Trainer:
             "techniques": {f"{i}:{tq.name}": tq.state_dict() for i, tq in enumerate(self.techniques)},
             **{k: getattr(self, k) for k in PROGRESS_STATE},
             "skipped_steps": float(self.skipped_steps.item()),
+            "warmup": dict(self.warmup),
             "partial": None,
             "rng_cpu": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
@@ -374,6 +427,7 @@ class Trainer:
         for k in PROGRESS_STATE:
             setattr(self, k, s[k])
         self.skipped_steps.fill_(s.get("skipped_steps", 0.0))
+        self.warmup.update(s.get("warmup", {}))  # this process warms up again; its warm-up adds to the total
         self.partial = s.get("partial")
         torch.set_rng_state(s["rng_cpu"])
         if self.device.type == "cuda" and s["rng_cuda"]:
@@ -384,17 +438,22 @@ class Trainer:
             save_checkpoint(self.ckpt_path, {**self.state_dict(), "partial": partial})
 
     def summary(self) -> dict[str, Any]:
-        tokens = self.samples * (self.data.input_shape[0] if self.is_lm else 1)
+        w = self.warmup
+        samples = self.samples - w["warmup_samples"]  # throughput after warm-up
+        tokens = samples * (self.data.input_shape[0] if self.is_lm else 1)
         out = {
             "timing": {
-                "total_s": round(self.train_s + self.eval_s, 4),
-                "train_s": round(self.train_s, 4),
+                "total_s": round(self.train_s + w["warmup_s"] + self.eval_s, 4),
+                "train_s": round(self.train_s, 4),  # excludes warm-up
+                "warmup_s": round(w["warmup_s"], 4),
+                "warmup_steps": w["warmup_steps"],
                 "eval_s": round(self.eval_s, 4),
-                "time_to_target_s": self.time_to_target,
+                "time_to_target_s": self.time_to_target,  # training seconds, warm-up excluded
+                "time_to_target_with_warmup_s": w["time_to_target_with_warmup_s"],
                 "target_epoch": self.target_epoch,
                 "target_metric": self.target_metric,
             },
-            "throughput": {"samples_per_s": self.samples / self.train_s if self.train_s else None},
+            "throughput": {"samples_per_s": samples / self.train_s if self.train_s else None},
             "steps": self.step,
             "epochs_completed": self.epoch,
             "precision": self.precision,
