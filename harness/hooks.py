@@ -105,9 +105,31 @@ def overrides(technique: Technique, hook: str) -> bool:
     return getattr(type(technique), hook) is not getattr(Technique, hook)
 
 
+CE_CHUNK_TOKENS = 8192  # rows of low-precision logits whose float32 copy exists at once in the LM loss
+
+
+def _ce_sum(logits: Tensor, y: Tensor) -> Tensor:
+    return torch.nn.functional.cross_entropy(logits.float(), y, reduction="sum")
+
+
 def soft_cross_entropy(logits: Tensor, batch: Batch) -> Tensor:
-    """Cross-entropy against ``batch.soft_targets`` when present, else against labels ``y``."""
-    logits = logits.float()
+    """Cross-entropy against ``batch.soft_targets`` when present, else against labels ``y``, in float32.
+
+    Language-model logits (B, T, V) in an autocast dtype are not copied to float32 as a whole (GPT-2 at
+    nanoGPT's micro-batch: 12 x 1024 x 50257 x 4 bytes = 2.5 GB, twice with the saved softmax): the loss
+    runs over chunks of ``CE_CHUNK_TOKENS`` rows, each cast to float32 inside an activation checkpoint,
+    so one chunk's float32 copy exists at a time, in the forward and in the backward; the result equals
+    ``cross_entropy(logits.float(), y)`` up to float32 summation order."""
     if batch.soft_targets is not None:
-        return -(batch.soft_targets * torch.log_softmax(logits, dim=-1)).sum(-1).mean()
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch.y.reshape(-1))
+        return -(batch.soft_targets * torch.log_softmax(logits.float(), dim=-1)).sum(-1).mean()
+    flat, y = logits.reshape(-1, logits.shape[-1]), batch.y.reshape(-1)
+    if logits.ndim < 3 or logits.dtype == torch.float32 or flat.shape[0] <= CE_CHUNK_TOKENS:
+        return _ce_sum(flat, y) / y.numel()
+    from torch.utils.checkpoint import checkpoint
+
+    total = logits.new_zeros((), dtype=torch.float32)
+    for lc, yc in zip(flat.split(CE_CHUNK_TOKENS), y.split(CE_CHUNK_TOKENS)):
+        total = total + (
+            checkpoint(_ce_sum, lc, yc, use_reentrant=False) if torch.is_grad_enabled() else _ce_sum(lc, yc)
+        )
+    return total / y.numel()

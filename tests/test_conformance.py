@@ -303,22 +303,27 @@ def test_label_smoothing_matches_torch_cross_entropy():
     torch.testing.assert_close(got, nn.functional.cross_entropy(lm.reshape(-1, 7), ty.reshape(-1), label_smoothing=0.1))
 
 
-def test_soft_cross_entropy_of_lm_logits_matches_torch():
-    """The default loss (chunked for 3-D logits) equals torch's cross_entropy on float32 logits."""
+def test_soft_cross_entropy_of_lm_logits_matches_torch(monkeypatch):
+    """The default loss of bf16 (B, T, V) logits, in checkpointed float32 chunks, equals torch's
+    cross_entropy of the whole float32 copy: value and gradient."""
+    from harness import hooks
     from harness.hooks import Batch, soft_cross_entropy
 
+    monkeypatch.setattr(hooks, "CE_CHUNK_TOKENS", 16)  # 111 tokens: 7 chunks
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(3, 37, 50, generator=g)
     y = torch.randint(0, 50, (3, 37), generator=g)
     ref = nn.functional.cross_entropy(logits.reshape(-1, 50), y.reshape(-1))
-    torch.testing.assert_close(soft_cross_entropy(logits, Batch(x=logits, y=y)), ref)
+    torch.testing.assert_close(soft_cross_entropy(logits, Batch(x=logits, y=y)), ref)  # float32: unchanged path
     bf = logits.bfloat16().requires_grad_()
     loss = soft_cross_entropy(bf, Batch(x=bf, y=y))
-    torch.testing.assert_close(
-        loss, nn.functional.cross_entropy(bf.float().reshape(-1, 50), y.reshape(-1)), atol=1e-5, rtol=1e-5
-    )
     loss.backward()
-    assert bf.grad is not None and bf.grad.dtype == torch.bfloat16
+    got_grad, bf.grad = bf.grad, None
+    ref = nn.functional.cross_entropy(bf.float().reshape(-1, 50), y.reshape(-1))
+    ref.backward()
+    torch.testing.assert_close(loss, ref, atol=1e-6, rtol=1e-6)
+    assert got_grad.dtype == torch.bfloat16
+    torch.testing.assert_close(got_grad, bf.grad, atol=0, rtol=0)
 
 
 def test_expected_calibration_error_matches_torchmetrics():

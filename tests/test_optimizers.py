@@ -265,3 +265,38 @@ def test_harness_run_quickstart_with_each_listed_optimizer(tmp_path):
         assert rec["status"] == "ok", f"{name}: {rec.get('error')}"
         assert rec["metrics"]["test_acc"] > 0.15, f"{name}: test_acc {rec['metrics']['test_acc']} (chance 0.10)"
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_muon_trains_conv_kernels_as_matrices_and_counts_its_state():
+    """airbench94_muon: conv kernels (out, in, kh, kw) get Muon's orthogonalised update as (out, in*kh*kw)
+    matrices; BN gains, biases and the head stay on AdamW; Muon's momentum buffers count in the state bytes."""
+    from harness.techniques.quantization import optimizer_state_bytes
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10),
+    )  # fmt: skip
+    opt = build_optimizer(load("muon"), model, batch_size=64, total_steps=10)
+    muon_params = {id(p) for g in opt.muon.param_groups for p in g["params"]}
+    assert muon_params == {id(model[0].weight), id(model[3].weight)}
+    conv = model[3].weight
+    before = conv.detach().clone()
+    x, y = torch.randn(16, 3, 8, 8), torch.randint(0, 10, (16,))
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    grad = conv.grad.detach().clone()
+    opt.step()
+    assert conv.shape == (16, 8, 3, 3) and conv.grad.shape == (16, 8, 3, 3)  # shapes restored after the step
+    # the same step by torch's Muon on the kernel as a (16, 72) matrix
+    ref = nn.Parameter(before.view(16, -1).clone())
+    ref.grad = grad.view(16, -1)
+    cfg = load("muon")
+    torch.optim.Muon(
+        [ref], lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, ns_steps=cfg.ns_steps,
+        weight_decay=cfg.weight_decay, adjust_lr_fn=cfg.adjust_lr_fn,
+    ).step()  # fmt: skip
+    torch.testing.assert_close(conv.detach().view(16, -1), ref.detach())
+    muon_bytes = sum(p.numel() * 4 for g in opt.muon.param_groups for p in g["params"])  # one momentum buffer each
+    assert optimizer_state_bytes(opt) >= muon_bytes + 2 * 4 * model[8].weight.numel()  # + AdamW's two moments

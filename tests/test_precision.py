@@ -75,3 +75,85 @@ def test_torchrun_with_sophiah_exits_2_before_any_work(tmp_path):
     assert proc.returncode != 0
     assert "pytorch/pytorch#63929" in proc.stderr, proc.stderr[-3000:]
     assert not list(tmp_path.rglob("result.json"))
+
+
+# ----------------------------------------------------------------------------------------- speed accounting
+def _record(precision="bf16", family="transformer", world=1, lm=True, converted=None):
+    return {
+        "precision": precision,
+        "config": {"model": {"family": family}},
+        "dataset_info": {"task": "lm" if lm else "classification"},
+        "model_info": {"flops_per_sample": 1e9},
+        "throughput": {"samples_per_s": 1000.0, "tokens_per_s": 400_000.0},
+        "hardware": {"device": "cuda", "device_name": "NVIDIA H100 80GB HBM3", "world_size": world},
+        "techniques": {"quantization": {"converted": converted}} if converted else {},
+    }
+
+
+def test_mfu_is_per_gpu_against_the_peak_of_the_math_used(monkeypatch):
+    from harness.infra import hardware
+
+    one, four = _record(), _record(world=4)
+    hardware.add_mfu(one)
+    hardware.add_mfu(four)
+    assert one["throughput"]["mfu"] == pytest.approx(1e9 * 400_000 / 989.5e12)
+    assert four["throughput"]["mfu"] == pytest.approx(one["throughput"]["mfu"] / 4)  # global rate over 4 GPUs
+    assert "world_size 4" in four["throughput"]["mfu_basis"]
+    fp8 = _record(converted=["blocks.0.mlp.fc"])
+    hardware.add_mfu(fp8)
+    assert fp8["hardware"]["peak_flops_precision"] == "fp8" and fp8["hardware"]["peak_flops"] == pytest.approx(1979e12)
+
+    settings = {
+        "float32_matmul_precision": "highest",
+        "cuda_matmul_allow_tf32": False,
+        "cudnn_allow_tf32": True,
+        "cudnn_benchmark": True,
+        "cudnn_deterministic": False,
+    }
+    monkeypatch.setattr(hardware, "numerics_settings", lambda: dict(settings))
+    cnn = _record("fp32", "cnn", lm=False)
+    hardware.add_mfu(cnn)  # cuDNN convolutions run in TF32 by default: the TF32 peak, not FP32's (7x lower)
+    assert cnn["hardware"]["peak_flops_precision"] == "tf32" and cnn["hardware"]["peak_flops"] == pytest.approx(
+        494.5e12
+    )
+    assert cnn["hardware"]["numerics"]["cudnn_allow_tf32"] is True
+    gpt = _record("fp32", "transformer")
+    hardware.add_mfu(gpt)  # matmuls at "highest": true FP32
+    assert gpt["hardware"]["peak_flops_precision"] == "fp32"
+    settings["float32_matmul_precision"] = "high"
+    gpt = _record("fp32", "transformer")
+    hardware.add_mfu(gpt)
+    assert gpt["hardware"]["peak_flops_precision"] == "tf32"
+
+
+def test_adam_adamw_sgd_are_fused_on_cuda_unless_chosen_otherwise():
+    import torch
+
+    from harness.techniques.optimizers import fused_kwargs
+
+    cuda = torch.device("cuda", 0)
+    for cls in (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD):
+        assert fused_kwargs(cls, {}, cuda) == {"fused": True}
+        assert fused_kwargs(cls, {}, torch.device("cpu")) == {}
+    assert fused_kwargs(torch.optim.AdamW, {"foreach": False}, cuda) == {}  # the YAML's own choice wins
+    assert fused_kwargs(torch.optim.Adagrad, {}, cuda) == {}  # fused Adagrad is CPU-only
+
+
+def test_compiled_run_records_warmup_apart_from_training(tmp_path):
+    """trainer.compile=true on CPU: the first steps (compilation) are timed as warm-up and excluded from
+    train_s, samples/s and time to target; both are recorded."""
+    proc = harness(
+        "run", *QUICK, "trainer.epochs=2", "trainer.compile=true", f"results_dir={tmp_path}", env=ENV, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (rec,) = records(tmp_path)
+    t = rec["timing"]
+    steps_after = rec["steps"] - t["warmup_steps"]
+    assert t["warmup_steps"] == 2 and t["train_s"] > 0, t
+    # a compiling step (even from inductor's cache) takes far longer than a compiled one
+    assert t["warmup_s"] / 2 > 5 * t["train_s"] / steps_after, t
+    assert t["total_s"] == pytest.approx(t["train_s"] + t["warmup_s"] + t["eval_s"], abs=1e-3)
+    assert rec["throughput"]["samples_per_s"] == pytest.approx(steps_after * 64 / t["train_s"], rel=0.05)
+    if t["time_to_target_s"] is not None:
+        assert t["time_to_target_with_warmup_s"] == pytest.approx(t["time_to_target_s"] + t["warmup_s"], rel=1e-6)
+    assert rec["hardware"]["numerics"]["float32_matmul_precision"] in ("highest", "high", "medium")

@@ -78,13 +78,32 @@ def lookup(device_name: str | None) -> tuple[str, dict[str, float | None]] | Non
     return None
 
 
-def effective_precision(precision: str) -> str:
-    """fp32 runs use TF32 tensor cores when PyTorch's float32 matmul precision allows it."""
-    if precision == "fp32":
-        import torch
+def numerics_settings() -> dict[str, Any]:
+    """What decides the math float32 work actually runs in (recorded next to the MFU): PyTorch's float32
+    matmul precision (``highest`` = true FP32; ``high``/``medium`` let cuBLAS use TF32), the cuBLAS and
+    cuDNN TF32 switches, and cuDNN's autotuning and determinism."""
+    import torch
 
-        return "fp32" if torch.get_float32_matmul_precision() == "highest" else "tf32"
-    return precision
+    return {
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        "cuda_matmul_allow_tf32": bool(torch.backends.cuda.matmul.allow_tf32),
+        "cudnn_allow_tf32": bool(torch.backends.cudnn.allow_tf32),
+        "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
+        "cudnn_deterministic": bool(torch.backends.cudnn.deterministic),
+    }
+
+
+def effective_precision(precision: str, family: str | None = None, settings: dict[str, Any] | None = None) -> str:
+    """The tensor-core math an ``fp32`` run really uses on a GPU: convolutions (CNNs) run in TF32 when
+    cuDNN allows it (PyTorch's default), matmuls when the float32 matmul precision is not ``highest``.
+    Autocast precisions (bf16, fp16) and fp8 are what they say."""
+    if precision != "fp32":
+        return precision
+    s = settings or numerics_settings()
+    matmul_tf32 = s["float32_matmul_precision"] != "highest" or s["cuda_matmul_allow_tf32"]
+    if family == "cnn":
+        return "tf32" if s["cudnn_allow_tf32"] else "fp32"
+    return "tf32" if matmul_tf32 else "fp32"
 
 
 def peak_flops(device_name: str | None, precision: str) -> float | None:
@@ -108,23 +127,37 @@ def mfu(
 
 
 def add_mfu(record: dict[str, Any]) -> None:
-    """Fill ``record["hardware"]["peak_flops"]`` and ``record["throughput"]["mfu"]`` from the record's
-    device, precision, FLOPs per sample (per token for LMs) and this process's throughput, over one
-    GPU's peak. Leaves None on CPU or
-    unknown GPUs; never raises (a record is written even when these figures cannot be had)."""
+    """Fill ``record["hardware"]`` (``peak_flops`` of one GPU, the ``peak_flops_precision`` it is for,
+    the ``numerics`` settings) and ``record["throughput"]["mfu"]``: the run's throughput (global, over
+    all ranks) divided by the world size, times the FLOPs per sample (per token for LMs), over one GPU's
+    peak for the math actually used (TF32 for fp32 convolutions and matmuls when allowed; fp8 when the
+    fp8 technique converted layers). None on CPU or unknown GPUs; never raises (a record is written even
+    when these figures cannot be had)."""
     hw = record.setdefault("hardware", {})
     thr = record.get("throughput") or {}
     try:
-        precision = effective_precision(str(record.get("precision", "fp32")))
-        name = hw.get("device_name") if hw.get("device") == "cuda" else None
+        settings = numerics_settings()
+        hw["numerics"] = settings
+        family = ((record.get("config") or {}).get("model") or {}).get("family")
+        precision = str(record.get("precision", "fp32"))
+        fp8 = ((record.get("techniques") or {}).get("quantization") or {}).get("converted")
+        if fp8:  # torchao float8 layers: their GEMMs run in fp8 (the rest of the model does not)
+            precision = "fp8"
+        cuda = hw.get("device") == "cuda"
+        precision = effective_precision(precision, family, settings) if cuda else precision
+        name = hw.get("device_name") if cuda else None
         peak = peak_flops(name, precision)
         lm = (record.get("dataset_info") or {}).get("task") == "lm"
         rate = thr.get("tokens_per_s") if lm else thr.get("samples_per_s")
+        world = int(hw.get("world_size") or 1)
+        per_gpu = rate / world if rate else None
         fps = (record.get("model_info") or {}).get("flops_per_sample")
         hw["peak_flops"] = peak
         hw["peak_flops_precision"] = precision
-        value = mfu(fps, rate, name, precision)
         if "throughput" in record:
-            record["throughput"]["mfu"] = value
+            record["throughput"]["mfu"] = mfu(fps, per_gpu, name, precision)
+            record["throughput"]["mfu_basis"] = (
+                f"per GPU (global rate / world_size {world}) over the {precision} peak of one GPU"
+            )
     except Exception:  # noqa: BLE001  (a missing figure must not lose the record)
         hw.setdefault("peak_flops", None)

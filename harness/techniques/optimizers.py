@@ -24,6 +24,7 @@ builds the optimizer on a dummy model before any data loads, so a hyper-paramete
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import math
@@ -40,6 +41,7 @@ from harness.registry import unknown_choice_message
 
 log = logging.getLogger("harness")
 
+FUSED_ON_CUDA = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)  # torch.optim classes with a fused CUDA step
 LOOKAHEAD_DEFAULTS = {"k": 5, "alpha": 0.5, "pullback_momentum": "none"}
 # valid ranges of hyper-parameters many optimizers share, checked before the constructor sees them
 # (its own message may not name the range): key -> (low, high, high_inclusive)
@@ -108,10 +110,46 @@ def scaled_lr(lr: float, rule: str, batch_size: int, base_batch_size: int) -> fl
 
 
 # ----------------------------------------------------------------------------- Muon
+class MuonND(torch.optim.Muon):
+    """``torch.optim.Muon`` for weights of any rank >= 2: a conv kernel (out, in, kh, kw) is updated as
+    the (out, in * kh * kw) matrix it multiplies inputs with, as in Keller Jordan's airbench94_muon
+    (``g.view(len(g), -1)`` before the Newton-Schulz orthogonalisation). torch's Muon accepts 2-D
+    parameters only, so each step views the kernels and their gradients as matrices, runs torch's own
+    update on them, and restores the shapes; momentum buffers are kept as matrices."""
+
+    def __init__(self, params, **kwargs):
+        params = list(params)
+        self._shapes = {id(p): p.shape for p in params if p.ndim > 2}
+        with self._as_matrices(params):
+            super().__init__(params, **kwargs)
+
+    @contextlib.contextmanager
+    def _as_matrices(self, params):
+        nd = [p for p in params if id(p) in self._shapes]
+        for p in nd:
+            p.data = p.data.view(p.shape[0], -1)
+            if p.grad is not None:
+                p.grad = p.grad.view(p.shape[0], -1)
+        try:
+            yield
+        finally:
+            for p in nd:
+                shape = self._shapes[id(p)]
+                p.data = p.data.view(shape)
+                if p.grad is not None:
+                    p.grad = p.grad.view(shape)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        with self._as_matrices([p for g in self.param_groups for p in g["params"]]):
+            return super().step(closure)
+
+
 class MuonWithAdamW(torch.optim.Optimizer):
-    """``torch.optim.Muon`` on the hidden 2-D weight matrices and ``torch.optim.AdamW`` on everything
-    else (embeddings, the classifier head, biases, gains, conv kernels, which torch's Muon rejects),
-    as in Keller Jordan's recipe (Jordan et al. 2024, "Muon: An optimizer for hidden layers").
+    """Muon on the hidden weight matrices and conv kernels (``MuonND``: torch.optim.Muon, kernels as
+    (out, in * kh * kw) matrices as in airbench94_muon) and ``torch.optim.AdamW`` on everything else
+    (embeddings, the classifier head, biases, normalization gains), as in Keller Jordan's recipe
+    (Jordan et al. 2024, "Muon: An optimizer for hidden layers").
 
     One optimizer object for the loop, the LR scheduler and checkpoints: ``param_groups`` holds the
     inner optimizers' group dicts themselves, so a scheduler's lr changes reach both; the AdamW groups
@@ -135,11 +173,13 @@ class MuonWithAdamW(torch.optim.Optimizer):
         skip = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
         skip |= {id(p) for p in head.parameters()} if head is not None else set()
         params = _unique_trainable(model)
-        hidden = [p for p in params if p.ndim == 2 and id(p) not in skip]
-        rest = [p for p in params if p.ndim != 2 or id(p) in skip]
+        convs = {id(m.weight) for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)}
+        hidden = [p for p in params if id(p) not in skip and (p.ndim == 2 or (p.ndim > 2 and id(p) in convs))]
+        chosen = {id(p) for p in hidden}
+        rest = [p for p in params if id(p) not in chosen]
         self.muon = None
         if hidden:
-            self.muon = torch.optim.Muon(
+            self.muon = MuonND(
                 hidden,
                 lr=lr,
                 momentum=momentum,
@@ -321,6 +361,7 @@ def build_optimizer(cfg: DictConfig, model: nn.Module, *, batch_size: int, total
         runtime[h.total_steps_key] = int(total_steps)
     if h.warmup_fraction is not None:
         runtime["warmup_steps"] = int(round(float(h.warmup_fraction) * total_steps))
+    runtime.update(fused_kwargs(factory.func, factory.keywords, _device_of(model)))
     if h.takes_model:
         first = model
     else:
@@ -337,6 +378,21 @@ def build_optimizer(cfg: DictConfig, model: nn.Module, *, batch_size: int, total
         opt = _lookahead_class()(inner, **lookahead)
         opt.second_order = inner.second_order
     return opt
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def fused_kwargs(cls: Any, given: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """``{"fused": True}`` for a torch.optim class with a fused CUDA kernel (Adam, AdamW, SGD)
+    on a CUDA model, unless the YAML or command line chose ``fused``/``foreach`` itself: one kernel for
+    every parameter instead of several per tensor (foreach, torch's default on CUDA, is the fallback).
+    Adagrad's fused kernel is CPU-only, hence the explicit list."""
+    if device.type != "cuda" or cls not in FUSED_ON_CUDA or {"fused", "foreach"} & set(given):
+        return {}
+    return {"fused": True}
 
 
 def is_schedule_free(optimizer: torch.optim.Optimizer) -> bool:

@@ -65,13 +65,15 @@ def state_bytes(module: nn.Module) -> int:
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Bytes of every tensor in the optimizer's per-parameter state (moments, step counters, quantization
-    codes and scales). Wrappers (Lookahead) that keep an inner optimizer are measured through ``.optimizer``
-    too when their own state is empty."""
+    codes and scales). Wrappers (Lookahead) that keep an inner optimizer are measured through ``.optimizer``,
+    composites (MuonWithAdamW) through ``.inner``."""
     seen, total = set(), 0
     opts = [optimizer]
     inner = getattr(optimizer, "optimizer", None)
     if isinstance(inner, torch.optim.Optimizer) and inner is not optimizer:
         opts.append(inner)
+    for o in list(opts):  # composite optimizers (MuonWithAdamW: Muon + AdamW) keep their state in ``inner``
+        opts.extend(x for x in getattr(o, "inner", ()) if isinstance(x, torch.optim.Optimizer) and x not in opts)
     for opt in opts:
         for state in opt.state.values():
             for v in state.values():
