@@ -186,27 +186,71 @@ def test_fp8_bad_recipe_names_the_choices():
         build_techniques(cfg)
 
 
-def test_fp8_layer_rule_converts_and_lists_the_large_linears(monkeypatch):
-    """The conversion and the record's layer list, checked on CPU by pretending the GPU check passed
-    (Float8Linear's matmuls need CUDA, so no forward pass here)."""
+def _ctx(compile: bool = True):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(cfg=OmegaConf.create({"trainer": {"compile": compile}}))
+
+
+def test_fp8_uses_torchaos_filter_requires_compile_and_refuses_when_nothing_qualifies(monkeypatch):
+    """torchao's recommended per-layer filter on GPT-2-small's widths (n_embd 768), checked on CPU by
+    pretending the GPU check passed (Float8Linear's matmuls need CUDA, so no forward pass here):
+    tensorwise converts c_attn (2304 x 768) and mlp.c_fc (3072 x 768) and keeps attn.c_proj (768 x 768),
+    mlp.c_proj (768 x 3072) and lm_head (24 of GPT-2-small's 49 Linears); rowwise converts none and is
+    refused rather than training bf16 under the fp8 label; trainer.compile=false is refused."""
     gpt2 = pytest.importorskip("harness.models.gpt2")
     from torchao.float8.float8_linear import Float8Linear
 
     import harness.techniques.quantization as q
 
     monkeypatch.setattr(q, "fp8_support", lambda: (True, "test"))
-    model = gpt2.GPT(100, block_size=16, n_layer=2, n_head=4, n_embd=128)
-    fp8 = q.FP8Training(recipe="tensorwise", min_features=128)
-    model = fp8.prepare_model(model, None)
+    model = gpt2.GPT(64, block_size=16, n_layer=2, n_head=12, n_embd=768)
+    fp8 = q.FP8Training(recipe="tensorwise")
+    model = fp8.prepare_model(model, _ctx())
     s = fp8.summary()
-    per_block = ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]
-    assert s["converted"] == [f"transformer.h.{i}.{n}" for i in range(2) for n in per_block]
+    assert s["converted"] == [f"transformer.h.{i}.{n}" for i in range(2) for n in ("attn.c_attn", "mlp.c_fc")]
     assert all(isinstance(model.get_submodule(n), Float8Linear) for n in s["converted"])
-    assert s["kept_high_precision"] == {"lm_head": "skipped by name"} and type(model.lm_head) is nn.Linear
-    with pytest.raises(ConfigError, match="no Linear layer qualifies"):  # every layer has a 128-wide side
-        q.FP8Training(min_features=256).prepare_model(
-            gpt2.GPT(100, block_size=16, n_layer=1, n_head=4, n_embd=128), None
+    kept = s["kept_high_precision"]
+    assert kept["lm_head"] == "skipped by name" and type(model.lm_head) is nn.Linear
+    assert "below torchao's tensorwise size thresholds" in kept["transformer.h.0.mlp.c_proj"]
+    assert set(kept) == {"lm_head"} | {
+        f"transformer.h.{i}.{n}" for i in range(2) for n in ("attn.c_proj", "mlp.c_proj")
+    }
+    assert "_auto_filter_for_recipe('tensorwise')" in s["rule"]
+    with pytest.raises(ConfigError, match="no Linear layer of this model qualifies under torchao's rowwise filter"):
+        q.FP8Training(recipe="rowwise").prepare_model(
+            gpt2.GPT(64, block_size=16, n_layer=1, n_head=12, n_embd=768), _ctx()
         )
+    with pytest.raises(ConfigError, match="needs trainer.compile=true"):
+        q.FP8Training().prepare_model(gpt2.GPT(64, block_size=16, n_layer=1, n_head=12, n_embd=768), _ctx(False))
+
+
+def test_quantized_lm_evaluation_is_chunked_and_exact(monkeypatch):
+    """``evaluate`` of a language model holds at most LM_EVAL_CHUNK_TOKENS tokens of logits at once and
+    gives the loss of the whole split."""
+    import harness.techniques.quantization as q
+
+    class Split:
+        def __init__(self, x, y):
+            self.x, self.y = x, y
+
+        def batches(self, bs, train=False):
+            for i in range(0, len(self.x), bs):
+                yield SimpleBatch(self.x[i : i + bs], self.y[i : i + bs])
+
+    class SimpleBatch:
+        def __init__(self, x, y):
+            self.x, self.y = x, y
+
+    torch.manual_seed(0)
+    emb = nn.Sequential(nn.Embedding(20, 8), nn.Linear(8, 20))
+    seen = []
+    emb.register_forward_hook(lambda m, a, out: seen.append(out.shape[0] * out.shape[1]))
+    x, y = torch.randint(0, 20, (10, 6)), torch.randint(0, 20, (10, 6))
+    monkeypatch.setattr(q, "LM_EVAL_CHUNK_TOKENS", 12)  # 2 sequences of 6 tokens per chunk
+    got = q.evaluate(emb, Split(x, y), "lm", batch_size=5)
+    ref = nn.functional.cross_entropy(emb(x).reshape(-1, 20), y.reshape(-1)).item()
+    assert max(seen[:-1]) <= 12 and got["test_loss"] == pytest.approx(ref, rel=1e-6)
 
 
 @pytest.mark.skipif(fp8_support()[0], reason="this machine has an FP8 GPU; the refusal path needs one without")
