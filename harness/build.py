@@ -19,7 +19,7 @@ from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from harness.config import CONF_DIR, list_choices
+from harness.config import choice_path, list_choices
 from harness.errors import ConfigError
 from harness.registry import unknown_choice_message
 from harness.schemas import SCHEMAS, harness_keys
@@ -36,8 +36,8 @@ def spec_of(group: str, cfg: Any) -> dict[str, Any]:
     spec.pop("defaults", None)
     name = spec.get("name")
     if "_target_" not in spec and name not in NO_CHOICE:
-        path = CONF_DIR / group / f"{name}.yaml"
-        if not path.is_file():
+        path = choice_path(group, str(name))
+        if path is None:
             raise ConfigError(unknown_choice_message(group, name, list_choices(group)))
         base = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
         base.pop("defaults", None)

@@ -247,6 +247,12 @@ def study(args: list[str]) -> int:
     except ConfigError as e:
         return fail(str(e))
     results_dir = next((a.split("=", 1)[1] for a in other if a.startswith("results_dir=")), "results")
+    unmet = spec.unmet_requirement()
+    if unmet:  # the claim's report says why it was not run, and gives no verdict
+        from harness.study.report import write_not_run
+
+        path = write_not_run(spec, unmet, Path(results_dir) / "studies" / spec.name)
+        return fail(f"study {spec.name} not run: {unmet} (report: {path})")
     argv = [
         "-m",
         f"study={name}",

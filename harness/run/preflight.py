@@ -176,3 +176,208 @@ def preflight_memory(cfg, spec: DataSpec, device: torch.device, build_model) -> 
     if bool(cfg.trainer.memory_check):
         check_memory(cfg, est, spec)
     return est
+
+
+# ------------------------------------------------------------------------------------------ duration
+CPU_WARN_S = 30 * 60  # on a CPU, a run estimated above this is announced plainly, with the CPU-sized tasks
+TRAIN_PROBE_S, EVAL_PROBE_S = 0.5, 0.25  # seconds of timed steps (after one warm-up step) in the calibration
+CPU_PROBE_BATCH, CPU_PROBE_EVAL_BATCH = 32, 128  # on a CPU throughput hardly depends on the batch: probe small
+
+
+@dataclass
+class DurationEstimate:
+    """A run's expected duration: its training samples at the measured training speed, plus its evaluations
+    at the measured evaluation speed (a few steps of the run's model and optimizer on random inputs)."""
+
+    train_s: float
+    eval_s: float
+    steps: int
+    batch_size: int
+    samples_per_s: float  # training, measured
+    eval_samples_per_s: float
+    device: str
+    flops_per_s: float | None = None  # training FLOP/s achieved in the measurement
+    total_flops: float | None = None
+
+    @property
+    def total_s(self) -> float:
+        return self.train_s + self.eval_s
+
+    def as_record(self) -> dict[str, Any]:
+        return {
+            "estimated_s": round(self.total_s, 2),
+            "estimate": {
+                "train_s": round(self.train_s, 2),
+                "eval_s": round(self.eval_s, 2),
+                "samples_per_s": round(self.samples_per_s, 2),
+                "eval_samples_per_s": round(self.eval_samples_per_s, 2),
+                "flops_per_s": self.flops_per_s,
+                "total_flops": self.total_flops,
+            },
+        }
+
+    def describe(self) -> str:
+        from harness.run.progress import format_duration
+
+        speed = f"{self.samples_per_s:,.0f} samples/s"
+        if self.flops_per_s:
+            speed += f", {self.flops_per_s / 1e9:,.1f} GFLOP/s"
+        return (
+            f"estimated duration ~ {format_duration(self.total_s)} ({self.steps:,} steps x {self.batch_size} samples "
+            f"at {speed} measured on {self.device}; evaluation ~ {format_duration(self.eval_s)})"
+        )
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_per_call(fn, device: torch.device, min_s: float, max_calls: int = 50) -> float:
+    """Seconds per call of ``fn``: one warm-up call, then calls until ``min_s`` has passed (at least three);
+    the median call, so a moment when another process holds the CPU does not count."""
+    import statistics
+    import time
+
+    fn()
+    _sync(device)
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < 3 or (time.perf_counter() - start < min_s and len(times) < max_calls):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure_speed(cfg, data, device: torch.device, build_model, build_optimizer) -> tuple[float, float, int | None]:
+    """(training samples/s, evaluation samples/s, training FLOPs per sample) of the run's model, optimizer
+    and precision on ``device``, timed on random inputs of the run's shapes. The run's random state is
+    left untouched (the model is built under a forked RNG and thrown away)."""
+    from harness.models.flops import training_flops_per_sample
+    from harness.run.precision import autocast_for
+
+    t = cfg.trainer
+    precision = resolve_precision(cfg.precision.name, device)
+    lm = data.task == "lm"
+    micro = max(1, int(t.batch_size) // int(t.grad_accum_steps))
+    eval_bs = int(t.eval_batch_size)
+    if lm:
+        eval_bs = max(1, min(eval_bs, LM_EVAL_CHUNK_TOKENS // data.input_shape[0]))
+    if device.type == "cpu":
+        micro, eval_bs = min(micro, CPU_PROBE_BATCH), min(eval_bs, CPU_PROBE_EVAL_BATCH)
+    classes = int(data.num_classes)
+
+    def inputs(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if lm:
+            x = torch.randint(0, classes, (n, *data.input_shape), device=device)
+            return x, torch.randint(0, classes, (n, *data.input_shape), device=device)
+        return torch.randn((n, *data.input_shape), device=device), torch.randint(0, classes, (n,), device=device)
+
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        model = build_model(cfg.model, data).to(device)
+        optimizer = build_optimizer(cfg.optimizer, model, batch_size=int(t.batch_size), total_steps=10)
+        second_order = bool(getattr(optimizer, "second_order", False) or cfg.optimizer.get("second_order", False))
+        x, y = inputs(micro)
+
+        def train_step() -> None:
+            optimizer.zero_grad(set_to_none=True)
+            with autocast_for(precision, device):
+                out = model(x)
+            out = out[0] if isinstance(out, (tuple, list)) else out
+            loss = nn.functional.cross_entropy(out.float().reshape(-1, out.shape[-1]), y.reshape(-1))
+            loss.backward(create_graph=second_order)
+            optimizer.step()
+
+        model.train()
+        train_step_s = time_per_call(train_step, device, TRAIN_PROBE_S)
+        ex, _ = inputs(eval_bs)
+
+        def eval_step() -> None:
+            with torch.no_grad(), autocast_for(precision, device):
+                out = model(ex)
+            out = out[0] if isinstance(out, (tuple, list)) else out
+            out.float().log_softmax(-1)
+
+        model.eval()
+        eval_step_s = time_per_call(eval_step, device, EVAL_PROBE_S)
+        try:
+            flops = training_flops_per_sample(model, tuple(data.input_shape))
+        except Exception:  # noqa: BLE001  FLOPs are for the message only
+            flops = None
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return micro / train_step_s, eval_bs / eval_step_s, flops
+
+
+def _split_samples(split, batch_size: int) -> int:
+    try:
+        return len(split)
+    except TypeError:
+        return split.num_batches(batch_size, False) * batch_size
+
+
+def estimate_duration(
+    cfg, data, device: torch.device, build_model, build_optimizer, total_steps: int, steps_per_epoch: int
+) -> DurationEstimate:
+    """The run's duration: ``total_steps`` optimizer steps of ``trainer.batch_size`` samples, plus every
+    evaluation (validation every ``trainer.eval_every`` epochs and at the end, test once), at the speeds
+    :func:`measure_speed` measures. Compilation, data loading and checkpoints are not counted."""
+    t = cfg.trainer
+    sps, eval_sps, flops = measure_speed(cfg, data, device, build_model, build_optimizer)
+    world = 1
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        world = torch.distributed.get_world_size()
+    samples = total_steps * int(t.batch_size) / world  # each rank trains on its share of the global batch
+    epochs = -(-total_steps // max(steps_per_epoch, 1))
+    evals = sum(1 for e in range(1, epochs + 1) if e % int(t.eval_every) == 0 or e == epochs)
+    ebs = int(t.eval_batch_size)
+    test = _split_samples(data.test, ebs) if data.test is not None else 0
+    each = _split_samples(data.val, ebs) if data.val is not None else test
+    eval_samples = evals * each + (test if data.val is not None else 0)
+    per_sample = data.input_shape[0] if data.task == "lm" else 1  # FLOPs of a language model are per token
+    return DurationEstimate(
+        train_s=samples / sps,
+        eval_s=eval_samples / eval_sps,
+        steps=total_steps,
+        batch_size=int(t.batch_size),
+        samples_per_s=sps,
+        eval_samples_per_s=eval_sps,
+        device=device.type,
+        flops_per_s=flops * per_sample * sps if flops else None,
+        total_flops=float(flops * per_sample * samples) if flops else None,
+    )
+
+
+def cpu_tasks() -> list[str]:
+    """Tasks whose description says they are sized for a CPU."""
+    from harness.config import task_index
+
+    return [name for name, t in task_index().items() if "CPU" in t["description"]]
+
+
+def preflight_duration(
+    cfg, data, device: torch.device, build_model, build_optimizer, total_steps: int, steps_per_epoch: int
+) -> DurationEstimate | None:
+    """Estimate and print the run's duration before training; on a CPU, a run over ``CPU_WARN_S`` is said
+    plainly to be GPU-sized, with the CPU-sized tasks. None (with a log line) when it cannot be measured."""
+    try:
+        est = estimate_duration(cfg, data, device, build_model, build_optimizer, total_steps, steps_per_epoch)
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001  an estimate that cannot be made does not block the run
+        log.warning(f"duration estimate unavailable ({type(e).__name__}: {e})")
+        return None
+    log.info(est.describe())
+    if device.type == "cpu" and est.total_s > CPU_WARN_S:
+        from harness.run.progress import format_duration
+
+        tasks = ", ".join(cpu_tasks()) or "quickstart"
+        log.warning(
+            f"this run would train for about {format_duration(est.total_s)} on this CPU: "
+            f"task={cfg.task.name} is sized for a GPU. The CPU-sized tasks take minutes: {tasks} "
+            f"(e.g. harness run task=quickstart optimizer={cfg.optimizer.get('name', 'sgd')}); "
+            "or lower the budget (trainer.epochs, trainer.max_steps)."
+        )
+    return est
