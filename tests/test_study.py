@@ -64,7 +64,8 @@ def test_a_second_invocation_trains_nothing(smoke):
     p = harness("study", "smoke", *FAST, f"results_dir={out}", timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     assert sorted(r["run_id"] for r in records(out)) == before
-    assert "6 of 6 runs already done, launching 0" in p.stderr and "4 of 4 runs already done, launching 0" in p.stderr
+    text = p.stdout + p.stderr
+    assert "6 of 6 runs already done, launching 0" in text and "4 of 4 runs already done, launching 0" in text
 
 
 def test_report_numbers_match_the_leaderboard(smoke):

@@ -281,16 +281,46 @@ def verdict(study: Study, arms: list[dict[str, Any]], task: dict[str, Any], metr
             "reason": "the study states no claim; see the per-arm comparisons",
             "criterion": None,
         }
+    return decide(crit, study, arms, task, metric)
+
+
+def decide(
+    crit: dict[str, Any], study: Study, arms: list[dict[str, Any]], task: dict[str, Any], metric: str
+) -> dict[str, Any]:
+    """One criterion, or ``all_of`` several: reproduced when every part is, contradicted when any part
+    is, inconclusive otherwise."""
+    if "all_of" in crit:
+        parts = [decide(dict(c), study, arms, task, metric) for c in crit["all_of"]]
+        verdicts = [p["verdict"] for p in parts]
+        v = (
+            "contradicted"
+            if "contradicted" in verdicts
+            else "reproduced"
+            if all(x == "reproduced" for x in verdicts)
+            else "inconclusive"
+        )
+        needed = [p.get("seeds_needed") for p in parts if p.get("seeds_needed")]
+        return {
+            "verdict": v,
+            "reason": "; ".join(f"[{p['verdict']}] {p['reason']}" for p in parts),
+            "criterion": crit,
+            "parts": parts,
+            "seeds_needed": max(needed) if needed and v == "inconclusive" else None,
+        }
     by_name = {a["name"]: a for a in arms}
     arm = by_name[crit["arm"]]
     versus = by_name[crit.get("versus") or next(a["name"] for a in arms if a["baseline"])]
     kind = crit["kind"]
     m = crit.get("metric") or metric
+    vm = crit.get("versus_metric") or m
     direction = "min" if kind == "lower" else direction_of(m, task)
     if kind == "reaches_fraction":
         return _reaches_fraction(crit, arm, versus, study)
+    if kind == "ratio_below":
+        return _ratio_below(crit, arm, m, vm)
     a = _values(arm["runs"], m)
-    b = _values(versus["runs"], m)
+    b = _values(versus["runs"], vm)
+    what = m if vm == m else f"{arm['name']} {m} vs {versus['name']} {vm}"
     base = {
         "criterion": crit,
         "metric": m,
@@ -303,7 +333,7 @@ def verdict(study: Study, arms: list[dict[str, Any]], task: dict[str, Any], metr
         return {
             **base,
             "verdict": "inconclusive",
-            "reason": f"fewer than 2 successful seeds ({len(a)} vs {len(b)})",
+            "reason": f"{what}: fewer than 2 successful seeds ({len(a)} vs {len(b)})",
             "seeds_needed": None,
         }
     sign = 1 if direction == "max" else -1
@@ -311,14 +341,14 @@ def verdict(study: Study, arms: list[dict[str, Any]], task: dict[str, Any], metr
     good = sign * d
     base.update({"delta": d, "mean": [float(np.mean(a)), float(np.mean(b))]})
     if kind in ("better", "lower"):
-        cmp = arm.get("comparison") if m == metric and versus["baseline"] and kind == "better" else None
+        cmp = arm.get("comparison") if m == metric == vm and versus["baseline"] and kind == "better" else None
         p = (cmp or {}).get("p_holm") if cmp else compare(a, b, direction, study.alpha)["p"]
         base["p"] = p
         if p is None:
             return {
                 **base,
                 "verdict": "inconclusive",
-                "reason": "no variance in one of the groups: no test",
+                "reason": f"{what}: no variance in one of the groups, no test",
                 "seeds_needed": None,
             }
         if p < study.alpha:
@@ -326,12 +356,12 @@ def verdict(study: Study, arms: list[dict[str, Any]], task: dict[str, Any], metr
             return {
                 **base,
                 "verdict": v,
-                "reason": f"{m} {'better' if good > 0 else 'worse'} by {abs(d):.4g} (p = {p:.3g} < {study.alpha})",
+                "reason": f"{what}: {'better' if good > 0 else 'worse'} by {_u(m, abs(d), False)} (p = {p:.3g} < {study.alpha})",
             }
         return {
             **base,
             "verdict": "inconclusive",
-            "reason": f"difference {_u(m, d)} not significant (p = {p:.3g})",
+            "reason": f"{what}: difference {_u(m, d)} not significant (p = {p:.3g})",
             "seeds_needed": seeds_needed(a, b, d, study.alpha),
         }
     if kind == "not_worse":
@@ -339,22 +369,23 @@ def verdict(study: Study, arms: list[dict[str, Any]], task: dict[str, Any], metr
         ci = welch_interval(a, b, 1 - study.alpha)
         lo, hi = sorted(sign * x for x in ci)
         base.update({"margin": margin, "ci_good_direction": [lo, hi]})
+        span = f"{1 - study.alpha:.0%} interval [{_u(m, lo)}, {_u(m, hi)}]"
         if lo > -margin:
             return {
                 **base,
                 "verdict": "reproduced",
-                "reason": f"{m}: difference in the good direction {good:+.4g}, {1 - study.alpha:.0%} interval [{lo:+.4g}, {hi:+.4g}] above -{margin:g}",
+                "reason": f"{what}: difference {_u(m, good)} in the good direction, {span} above the margin -{_u(m, margin, False)}",
             }
         if hi < -margin:
             return {
                 **base,
                 "verdict": "contradicted",
-                "reason": f"{m}: worse by more than {margin:g}: interval [{lo:+.4g}, {hi:+.4g}]",
+                "reason": f"{what}: worse by more than the margin {_u(m, margin, False)}: {span}",
             }
         return {
             **base,
             "verdict": "inconclusive",
-            "reason": f"{m}: difference {_u(m, good)}, {1 - study.alpha:.0%} interval [{_u(m, lo)}, {_u(m, hi)}] straddles the margin -{_u(m, margin, False)}",
+            "reason": f"{what}: difference {_u(m, good)}, {span} straddles the margin -{_u(m, margin, False)}",
             "seeds_needed": seeds_needed(a, b, good + margin, study.alpha),
         }
     if kind == "lower_std":
@@ -366,15 +397,38 @@ def verdict(study: Study, arms: list[dict[str, Any]], task: dict[str, Any], metr
             return {
                 **base,
                 "verdict": v,
-                "reason": f"across-seed std {sa:.4g} vs {sb:.4g} (Brown–Forsythe p = {p:.3g})",
+                "reason": f"{what}: across-seed std {sa:.4g} vs {sb:.4g} (Brown–Forsythe p = {p:.3g})",
             }
         return {
             **base,
             "verdict": "inconclusive",
-            "reason": f"across-seed std {sa:.4g} vs {sb:.4g}, not significantly different"
-            + (f" (p = {p:.3g})" if p is not None else ""),
+            "reason": f"{what}: across-seed std {sa:.4g} vs {sb:.4g}, not significantly different"
+            + (f" (Brown–Forsythe p = {p:.3g})" if p is not None else ""),
         }
     raise ValueError(f"unknown criterion {kind}")
+
+
+def _ratio_below(crit: dict[str, Any], arm: dict[str, Any], m: str, vm: str) -> dict[str, Any]:
+    """Within one arm: mean over seeds of ``metric / versus_metric`` (e.g. ECE after / before temperature
+    scaling) at most ``threshold``, judged on its 95% t interval."""
+    thr = float(crit["threshold"])
+    ratios = [
+        r["metrics"][m] / r["metrics"][vm]
+        for r in arm["runs"]
+        if r["status"] == "ok" and r["metrics"].get(vm) and m in r["metrics"]
+    ]
+    base = {"criterion": crit, "metric": m, "versus_metric": vm, "arm": arm["name"], "ratios": ratios, "threshold": thr}
+    s = summary(ratios)
+    if s["n"] < 2:
+        return {**base, "verdict": "inconclusive", "reason": f"{m}/{vm}: fewer than 2 successful seeds"}
+    lo, hi = s["ci"] or [s["mean"], s["mean"]]
+    base.update({"mean": s["mean"], "ci": [lo, hi]})
+    text = f"{m}/{vm} = {s['mean']:.3f} (95% interval [{lo:.3f}, {hi:.3f}], {s['n']} seeds) against {thr:.3f}"
+    if hi <= thr:
+        return {**base, "verdict": "reproduced", "reason": text}
+    if lo > thr:
+        return {**base, "verdict": "contradicted", "reason": text}
+    return {**base, "verdict": "inconclusive", "reason": text}
 
 
 def _reaches_fraction(
@@ -421,3 +475,108 @@ def _reaches_fraction(
         "verdict": "inconclusive",
         "reason": f"ratios {['never' if x is None else f'{x:.0%}' for x in ratios]} around {frac:.0%}",
     }
+
+
+# ---------------------------------------------------------------------------------------------- lr scans
+def stable(rec: dict[str, Any] | None, ratio: float) -> bool:
+    """A run is stable when it finished ok with a final training loss below ``ratio`` times the loss of
+    the uniform prediction (ln of the number of classes): it neither diverged nor stalled at chance."""
+    if not rec or rec.get("status") != "ok":
+        return False
+    loss = (rec.get("metrics") or {}).get("train_loss")
+    classes = (rec.get("dataset_info") or {}).get("num_classes") or 2
+    return isinstance(loss, (int, float)) and math.isfinite(loss) and loss < ratio * math.log(classes)
+
+
+def analyze_scan(study: Study, jobs: list[Job], recs: dict[str, dict[str, Any] | None]) -> dict[str, Any]:
+    """Largest stable learning rate per arm and batch size, and the log-log slope of it against the batch
+    size with its 95% t interval (least squares, ``scipy.stats.linregress``)."""
+    ratio = float((study.lr_scan or {}).get("loss_ratio", 1.0))
+    task = task_info(list(recs.values()))
+    arms = []
+    for arm in study.arms:
+        grid: dict[int, list[tuple[float, bool, str]]] = {}
+        for j in (j for j in jobs if j.arm == arm.name):
+            rec = recs.get(j.label)
+            grid.setdefault(j.params["trainer.batch_size"], []).append(
+                (j.params["optimizer.lr"], stable(rec, ratio), (rec or {}).get("status", "refused"))
+            )
+        rows, seconds = [], 0.0
+        for j in (j for j in jobs if j.arm == arm.name):
+            seconds += ((recs.get(j.label) or {}).get("timing") or {}).get("total_s") or 0.0
+        for b, cells in sorted(grid.items()):
+            cells.sort()
+            ok = [lr for lr, s, _ in cells if s]
+            lr_max = max(ok) if ok else None
+            rows.append(
+                {"batch_size": b, "lr_max": lr_max, "censored": bool(ok) and lr_max == cells[-1][0], "cells": cells}
+            )
+        fit = [(r["batch_size"], r["lr_max"]) for r in rows if r["lr_max"] is not None and not r["censored"]]
+        slope = None
+        if len(fit) >= 3:
+            res = stats.linregress(np.log([b for b, _ in fit]), np.log([lr for _, lr in fit]))
+            half = stats.t.ppf(0.975, len(fit) - 2) * res.stderr
+            slope = {
+                "slope": float(res.slope),
+                "ci": [float(res.slope - half), float(res.slope + half)],
+                "points": len(fit),
+                "r": float(res.rvalue),
+            }
+        arms.append(
+            {
+                "name": arm.name,
+                "baseline": arm.baseline,
+                "overrides": arm.overrides,
+                "rows": rows,
+                "slope": slope,
+                "cost_hours": seconds / 3600,
+            }
+        )
+    claim = study.claim or {}
+    crit = dict(claim.get("criterion") or {})
+    return {
+        "kind": "lr_scan",
+        "study": {"name": study.name, "description": study.description, "task": study.task, "scale": study.scale, "lr_scan": study.lr_scan,
+                  "overrides": study.overrides, "source": study.source, "claim": study.claim, "alpha": study.alpha, "tune_seed": study.tune_seed},
+        "task": task,
+        "arms": arms,
+        "runs": [{"label": j.label, "params": j.params, "status": (recs.get(j.label) or {}).get("status", "refused"),
+                  "run_key": (recs.get(j.label) or {}).get("run_key"), "run_dir": (recs.get(j.label) or {}).get("run_dir")} for j in jobs],
+        "verdict": _slope_verdict(crit, arms) if crit else {"verdict": "none", "reason": "the study states no claim", "criterion": None},
+    }  # fmt: skip
+
+
+def _slope_verdict(crit: dict[str, Any], arms: list[dict[str, Any]]) -> dict[str, Any]:
+    if "all_of" in crit:
+        parts = [_slope_verdict(dict(c), arms) for c in crit["all_of"]]
+        verdicts = [p["verdict"] for p in parts]
+        v = (
+            "contradicted"
+            if "contradicted" in verdicts
+            else "reproduced"
+            if all(x == "reproduced" for x in verdicts)
+            else "inconclusive"
+        )
+        return {
+            "verdict": v,
+            "reason": "; ".join(f"[{p['verdict']}] {p['reason']}" for p in parts),
+            "criterion": crit,
+            "parts": parts,
+        }
+    arm = next(a for a in arms if a["name"] == crit["arm"])
+    low, high = float(crit["low"]), float(crit["high"])
+    base = {"criterion": crit, "arm": arm["name"], "interval": [low, high]}
+    s = arm["slope"]
+    if s is None:
+        return {
+            **base,
+            "verdict": "inconclusive",
+            "reason": f"{arm['name']}: fewer than 3 batch sizes with an uncensored largest stable learning rate",
+        }
+    lo, hi = s["ci"]
+    text = f"{arm['name']}: log-log slope {s['slope']:.2f} (95% interval [{lo:.2f}, {hi:.2f}], {s['points']} batch sizes) against [{low:g}, {high:g}]"
+    if low <= lo and hi <= high:
+        return {**base, "verdict": "reproduced", "reason": text, **s}
+    if hi < low or lo > high:
+        return {**base, "verdict": "contradicted", "reason": text, **s}
+    return {**base, "verdict": "inconclusive", "reason": text, **s}

@@ -27,10 +27,11 @@ class Job:
     index: int  # trial number (tune) or seed (seed)
     seed: int
     params: dict[str, Any] = field(default_factory=dict)  # tuned values of this run
+    tag: str = ""  # the run's folder name under its phase and arm (default: t<index> or s<seed>)
 
     @property
     def label(self) -> str:
-        return f"{self.phase}/{self.arm}/{'t' if self.phase == 'tune' else 's'}{self.index}"
+        return f"{self.phase}/{self.arm}/{self.tag or ('t' if self.phase == 'tune' else 's') + str(self.index)}"
 
     def overrides(self, study: Study) -> list[str]:
         arm = study.arm(self.arm)
@@ -178,3 +179,30 @@ def check_study(study: Study, extra: list[str] | None = None) -> None:
         for arm in study.arms:
             cfg = composed([f"task={study.task}", *study.overrides, *arm.overrides])
             check_space(search_space(study, arm, cfg), cfg, arm)
+
+
+def scan_jobs(study: Study, compose: Callable[[list[str]], DictConfig]) -> list[Job]:
+    """``kind: lr_scan``: for every arm and batch size, the same log-spaced learning rates over a fixed
+    step budget (the largest stable one per batch size is read off afterwards)."""
+    scan = study.lr_scan or {}
+    try:
+        batches = [int(b) for b in scan["batch_sizes"]]
+        lr = param_from("optimizer.lr", scan["lr"])
+        n, steps = int(scan["lr"]["n"]), int(scan["steps"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ConfigError(f"study {study.name}: lr_scan needs batch_sizes, lr {{low, high, n}} and steps ({e})") from e
+    if n < 2 or steps < 1 or len(batches) < 3 or min(batches) < 1:
+        raise ConfigError(
+            f"study {study.name}: lr_scan needs n >= 2 learning rates, steps >= 1 and at least 3 batch sizes"
+        )
+    jobs = []
+    for arm in study.arms:
+        cfg = compose([f"task={study.task}", *study.overrides, *arm.overrides])
+        arm.params = [lr]
+        check_space([lr], cfg, arm)
+        for b in batches:
+            for i in range(n):
+                value = lr.value(i / (n - 1)) if lr.log else lr.low + i * (lr.high - lr.low) / (n - 1)
+                params = {"trainer.batch_size": b, "optimizer.lr": value, "trainer.max_steps": steps}
+                jobs.append(Job("scan", arm.name, i, study.tune_seed, params, tag=f"b{b}_lr{i}"))
+    return jobs

@@ -95,7 +95,7 @@ def md_table(headers: list[str], rows: list[list[str]]) -> str:
 def provenance(result: dict[str, Any]) -> dict[str, str]:
     s = result["study"]
     cmd = f"harness study {s['name']}" + (f" study.scale={s['scale']}" if s.get("scale") else "")
-    devices = sorted({a["device"] for a in result["arms"] if a["device"]})
+    devices = sorted({a["device"] for a in result["arms"] if a.get("device")})
     return {
         "command": result.get("command") or cmd,
         "commit": git_commit() or "unknown",
@@ -104,7 +104,74 @@ def provenance(result: dict[str, Any]) -> dict[str, str]:
     }
 
 
+def scan_markdown(result: dict[str, Any], plots: dict[str, str]) -> str:
+    s, v = result["study"], result["verdict"]
+    prov, claim, scan = provenance(result), s.get("claim") or {}, s.get("lr_scan") or {}
+    out = [f"# Study `{s['name']}`", "", s.get("description") or "", "", "## Verdict", ""]
+    if claim:
+        out += [f"> {claim.get('text', '')}", "", f"Source: {claim.get('paper', '–')}", ""]
+    out += [f"**{v['verdict']}**: {v['reason']}.", "", "## Protocol", ""]
+    out += [
+        f"- Task `{s['task']}`"
+        + (f", scale `{s['scale']}`" if s.get("scale") else "")
+        + f"; common overrides: `{' '.join(s['overrides']) or '–'}`.",
+        f"- Learning-rate scan: for every arm and batch size {scan.get('batch_sizes')}, {scan.get('lr', {}).get('n')} log-spaced learning rates in "
+        f"[{scan.get('lr', {}).get('low')}, {scan.get('lr', {}).get('high')}], {scan.get('steps')} steps each (seed {s['tune_seed']}). A run is stable when it ends ok with a final "
+        f"training loss below {scan.get('loss_ratio', 1.0)} x ln(classes) (the uniform prediction's loss). The largest stable learning rate per batch size is fitted "
+        "against the batch size on log-log axes (least squares; 95% t interval of the slope). A largest stable rate at the top of the grid is censored and left out of the fit.",
+        f"- Command: `{prov['command']}`; harness commit `{prov['commit']}`; machine {prov['machine']}; generated {prov['generated']}.",
+        "",
+        "## Largest stable learning rate",
+        "",
+    ]
+    batches = sorted({r["batch_size"] for a in result["arms"] for r in a["rows"]})
+    rows = []
+    for a in result["arms"]:
+        by_b = {r["batch_size"]: r for r in a["rows"]}
+        cells = [
+            (
+                "–"
+                if by_b[b]["lr_max"] is None
+                else f"{by_b[b]['lr_max']:.3g}" + (" (≥, censored)" if by_b[b]["censored"] else "")
+            )
+            for b in batches
+        ]
+        sl = a["slope"]
+        rows.append(
+            [
+                a["name"],
+                *cells,
+                "–" if sl is None else f"{sl['slope']:.2f} [{sl['ci'][0]:.2f}, {sl['ci'][1]:.2f}]",
+                f"{a['cost_hours']:.3f}",
+            ]
+        )
+    out += [md_table(["arm", *[f"batch {b}" for b in batches], "slope [95% CI]", "CPU/GPU h"], rows), ""]
+    for name, path in plots.items():
+        out += [f"![{name}]({path})", ""]
+    out += [
+        "## Runs",
+        "",
+        md_table(
+            ["run", "batch", "lr", "status", "run key"],
+            [
+                [
+                    r["label"],
+                    str(r["params"]["trainer.batch_size"]),
+                    f"{r['params']['optimizer.lr']:.3g}",
+                    r["status"],
+                    r["run_key"] or "–",
+                ]
+                for r in result["runs"]
+            ],
+        ),
+        "",
+    ]
+    return "\n".join(out)
+
+
 def markdown(result: dict[str, Any], plots: dict[str, str]) -> str:
+    if result.get("kind") == "lr_scan":
+        return scan_markdown(result, plots)
     s, v, m = result["study"], result["verdict"], result["metric"]
     prov = provenance(result)
     claim = s.get("claim") or {}
@@ -184,7 +251,22 @@ def markdown(result: dict[str, Any], plots: dict[str, str]) -> str:
 
 def html_page(result: dict[str, Any], pngs: dict[str, bytes]) -> str:
     s, v = result["study"], result["verdict"]
-    headers, rows = arm_rows(result)
+    if result.get("kind") == "lr_scan":
+        headers, rows = (
+            ["arm", "batch size", "largest stable lr", "censored"],
+            [
+                [
+                    a["name"],
+                    str(r["batch_size"]),
+                    "–" if r["lr_max"] is None else f"{r['lr_max']:.3g}",
+                    str(r["censored"]),
+                ]
+                for a in result["arms"]
+                for r in a["rows"]
+            ],
+        )
+    else:
+        headers, rows = arm_rows(result)
     colour = {"reproduced": "#1a7f37", "contradicted": "#cf222e"}.get(v["verdict"], "#9a6700")
     table = "<table><thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in headers) + "</tr></thead><tbody>"
     table += (
@@ -215,13 +297,35 @@ def html_page(result: dict[str, Any], pngs: dict[str, bytes]) -> str:
 
 
 def plot(result: dict[str, Any]) -> dict[str, bytes]:
-    """Tuning curves (validation metric against each tuned hyper-parameter) and the seeds per arm."""
+    """Tuning curves (validation metric against each tuned hyper-parameter) and the seeds per arm; for an
+    lr scan, the grid of stable/unstable runs and the largest stable rate against the batch size."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     out: dict[str, bytes] = {}
+    if result.get("kind") == "lr_scan":
+        fig, ax = plt.subplots(figsize=(6.5, 4))
+        for k, a in enumerate(result["arms"]):
+            colour = f"C{k}"
+            for r in a["rows"]:
+                for lr, ok, _ in r["cells"]:
+                    ax.plot(r["batch_size"] * (1 + 0.04 * k), lr, "o" if ok else "x", color=colour, alpha=0.35, ms=4)
+            pts = [(r["batch_size"], r["lr_max"]) for r in a["rows"] if r["lr_max"]]
+            label = a["name"] + (f" (slope {a['slope']['slope']:.2f})" if a["slope"] else "")
+            if pts:
+                ax.plot(*zip(*pts), "-s", color=colour, label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("batch size")
+        ax.set_ylabel("learning rate (o stable, x unstable)")
+        ax.set_title("largest stable learning rate")
+        ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
+        fig.tight_layout()
+        out["lr_scan"] = _png(fig)
+        plt.close("all")
+        return out
     sel, m = result["selection_metric"], result["metric"]
     keys = sorted({k for a in result["arms"] for t in a["trials"] for k in t["params"]})
     scale = 100 if _pct(sel) else 1
@@ -317,16 +421,68 @@ def write(result: dict[str, Any], out: Path) -> list[Path]:
     atomic_write_text(out / "report.md", markdown(result, plots) + "\n")
     atomic_write_text(out / "report.html", html_page(result, pngs))
     buf = io.StringIO()
-    rows = summary_rows(result)
+    rows = summary_rows(result) if result.get("kind") != "lr_scan" else [
+        {"study": result["study"]["name"], "arm": a["name"], "batch_size": r["batch_size"], "lr_max": r["lr_max"], "censored": r["censored"],
+         "slope": (a["slope"] or {}).get("slope"), "slope_ci_low": ((a["slope"] or {}).get("ci") or [None])[0],
+         "slope_ci_high": ((a["slope"] or {}).get("ci") or [None, None])[1], "verdict": result["verdict"]["verdict"]}
+        for a in result["arms"] for r in a["rows"]
+    ]  # fmt: skip
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_text(out / "summary.csv", buf.getvalue())
     slim = json.loads(json.dumps(result, default=str))
     for a in slim["arms"]:
-        for r in (*a["trials"], *a["runs"]):
+        for r in (*a.get("trials", []), *a.get("runs", [])):
             r.pop("curve", None)
     slim["provenance"] = provenance(result)
     atomic_write_text(out / "study.json", json.dumps(slim, indent=2) + "\n")
     written += [out / n for n in ("report.md", "report.html", "summary.csv", "study.json")]
     return written
+
+
+def write_not_run(study, reason: str, out: Path) -> Path:
+    """The report of a study this machine cannot run: its claim and protocol, ``not run: <reason>``, no verdict."""
+    claim = study.claim or {}
+    prov = provenance({"study": {"name": study.name, "scale": study.scale}, "arms": []})
+    text = "\n".join(
+        [
+            f"# Study `{study.name}`",
+            "",
+            study.description,
+            "",
+            "## Verdict",
+            "",
+            *([f"> {claim.get('text', '')}", "", f"Source: {claim.get('paper', '–')}", ""] if claim else []),
+            f"**not run**: {reason}. No verdict.",
+            "",
+            "## Protocol (as it would run)",
+            "",
+            f"- Task `{study.task}`"
+            + (f", scale `{study.scale}`" if study.scale else "")
+            + "; arms: "
+            + "; ".join(
+                f"`{a.name}` ({' '.join(a.overrides) or 'defaults'})" + (" baseline" if a.baseline else "")
+                for a in study.arms
+            ),
+            f"- Budget {study.budget} tuning trials per arm, {study.seeds} fresh seeds; criterion `{json.dumps((claim or {}).get('criterion'))}`.",
+            f"- Checked with `{prov['command']}` at harness commit `{prov['commit']}` on {prov['machine']} ({prov['generated']}).",
+            "",
+        ]
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "report.md", text)
+    atomic_write_text(
+        out / "study.json",
+        json.dumps(
+            {
+                "study": study.name,
+                "scale": study.scale,
+                "verdict": {"verdict": "not run", "reason": reason},
+                "provenance": prov,
+            },
+            indent=2,
+        )
+        + "\n",
+    )
+    return out / "report.md"

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from harness.records import RECORD_NAME, read_record
 from harness.study import analyze, report
-from harness.study.plan import Job, seed_jobs, tuning_jobs
+from harness.study.plan import Job, scan_jobs, seed_jobs, tuning_jobs
 from harness.study.spec import Study, parse
 
 log = logging.getLogger("harness")
@@ -101,12 +101,19 @@ class StudyRunner:
     # -------------------------------------------------------------- the protocol
     def run(self) -> dict[str, Any]:
         study = self.study
+        if study.kind == "lr_scan":
+            scan = scan_jobs(study, self.compose)
+            result = analyze.analyze_scan(study, scan, self.execute(scan))
+            return self.finish(result)
         tune = tuning_jobs(study, self.compose)
         tune_recs = self.execute(tune)
         selected = analyze.select(study, tune, tune_recs)
         seeds = seed_jobs(study, selected)
         seed_recs = self.execute(seeds)
-        result = analyze.analyze(study, tune, tune_recs, seeds, seed_recs, selected)
+        return self.finish(analyze.analyze(study, tune, tune_recs, seeds, seed_recs, selected))
+
+    def finish(self, result: dict[str, Any]) -> dict[str, Any]:
+        study = self.study
         out = study_dir(self.results_dir, study)
         written = report.write(result, out)
         log.info(

@@ -33,10 +33,10 @@ from harness.errors import ConfigError
 from harness.registry import unknown_choice_message
 
 SAMPLERS = ("sobol", "halton", "grid", "random")
-CRITERIA = ("better", "not_worse", "lower", "lower_std", "reaches_fraction")
+CRITERIA = ("better", "not_worse", "lower", "lower_std", "reaches_fraction", "ratio_below", "slope_in")
 KEYS = {
     "name", "description", "task", "overrides", "arms", "budget", "seeds", "sampler", "sampler_seed", "search",
-    "claim", "scales", "scale", "alpha", "tune_seed", "kind", "paper", "notes", "lr_scan",
+    "claim", "scales", "scale", "alpha", "tune_seed", "kind", "paper", "notes", "lr_scan", "requires", "changes",
 }  # fmt: skip
 
 
@@ -97,7 +97,23 @@ class Study:
     scale: str | None = None
     kind: str = "compare"  # compare | lr_scan
     lr_scan: dict[str, Any] | None = None
+    requires: dict[str, Any] | None = None  # e.g. {cuda_capability: 8.9}: not run (no verdict) elsewhere
+    changes: str = ""  # what a reduced scale changes with respect to the paper's setting
     source: str = ""
+
+    def unmet_requirement(self) -> str | None:
+        """Why this machine cannot run the study, or None."""
+        need = (self.requires or {}).get("cuda_capability")
+        if need is None:
+            return None
+        import torch
+
+        if not torch.cuda.is_available():
+            return f"needs a CUDA GPU with compute capability >= {need} (this machine has no GPU)"
+        cc = torch.cuda.get_device_capability()
+        if cc[0] + cc[1] / 10 < float(need):
+            return f"needs compute capability >= {need}; {torch.cuda.get_device_name()} has {cc[0]}.{cc[1]}"
+        return None
 
     @property
     def baseline(self) -> Arm:
@@ -168,6 +184,8 @@ def parse(node: DictConfig, name: str, path: Path | None = None) -> Study:
     if task not in list_choices("task"):
         raise ConfigError(unknown_choice_message(f"task of study {name}", task, list_choices("task")))
     arms_spec = spec.get("arms") or {}
+    if spec.get("kind", "compare") not in ("compare", "lr_scan"):
+        raise ConfigError(unknown_choice_message(f"kind of study {name}", spec.get("kind"), ["compare", "lr_scan"]))
     if len(arms_spec) < 1:
         raise ConfigError(f"study {name} has no arms")
     budgets = {a: (v or {}).get("budget") for a, v in arms_spec.items() if (v or {}).get("budget") is not None}
@@ -227,6 +245,8 @@ def parse(node: DictConfig, name: str, path: Path | None = None) -> Study:
         scale=scale,
         kind=str(spec.get("kind", "compare")),
         lr_scan=spec.get("lr_scan"),
+        requires=spec.get("requires"),
+        changes=str(spec.get("changes", "")),
         source=str(path or ""),
     )
     check_claim(study)
@@ -237,21 +257,34 @@ def check_claim(study: Study) -> None:
     claim = study.claim
     if not claim:
         return
-    crit = claim.get("criterion") or {}
+    check_criterion(study, claim.get("criterion") or {})
+
+
+def check_criterion(study: Study, crit: dict[str, Any]) -> None:
+    if "all_of" in crit:
+        for part in crit["all_of"]:
+            check_criterion(study, dict(part))
+        return
     kind = crit.get("kind")
     if kind not in CRITERIA:
         raise ConfigError(unknown_choice_message(f"criterion kind of study {study.name}", kind, list(CRITERIA)))
+    if kind == "slope_in" and study.kind != "lr_scan":
+        raise ConfigError(f"study {study.name}: criterion slope_in needs kind: lr_scan")
+    if kind == "ratio_below" and crit.get("threshold") is None:
+        raise ConfigError(f"study {study.name}: criterion ratio_below needs a threshold")
     arms = [a.name for a in study.arms]
     for key in ("arm", "versus"):
         if crit.get(key) is not None and crit[key] not in arms:
             raise ConfigError(unknown_choice_message(f"criterion {key} of study {study.name}", crit[key], arms))
-    metric = crit.get("metric")
-    if metric is not None:
-        from harness.records import METRIC_DIRECTIONS
+    from harness.records import METRIC_DIRECTIONS
 
+    for key in ("metric", "versus_metric"):
+        metric = crit.get(key)
+        if metric is None:
+            continue
         split, _, base = str(metric).partition("_")
-        if split not in ("val", "test") or base.split("_after")[0] not in METRIC_DIRECTIONS:
+        if split not in ("val", "test", "train") or base.split("_after")[0] not in METRIC_DIRECTIONS:
             known = [f"{s}_{m}" for s in ("val", "test") for m in METRIC_DIRECTIONS]
-            raise ConfigError(unknown_choice_message(f"criterion metric of study {study.name}", metric, known))
+            raise ConfigError(unknown_choice_message(f"criterion {key} of study {study.name}", metric, known))
     if crit.get("arm") is None:
         raise ConfigError(f"the criterion of study {study.name} names no arm (criterion.arm); arms: {', '.join(arms)}")
