@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import re
 import signal
 import sys
 import tempfile
@@ -264,6 +265,19 @@ def study(args: list[str]) -> int:
     return run(argv, study=True)
 
 
+def leading_comment(text: str) -> str:
+    """The first comment block of a YAML (Hydra directives skipped), up to its first full sentence."""
+    block: list[str] = []
+    for ln in text.splitlines():
+        if ln.startswith("#") and "@package" not in ln:
+            block.append(ln.lstrip("# ").strip())
+        elif block:
+            break
+    joined = " ".join(block)
+    end = re.search(r"[.;](\s|$)", joined)
+    return joined[: end.start() + 1].rstrip(";") if end else joined
+
+
 def list_groups(args: list[str]) -> int:
     import yaml
 
@@ -288,15 +302,10 @@ def list_groups(args: list[str]) -> int:
             except yaml.YAMLError:
                 spec = {}
             desc = spec.get("description") if isinstance(spec, dict) else None
-            if not desc:  # first comment line that is not a Hydra directive
-                desc = next(
-                    (
-                        ln.lstrip("# ").strip()
-                        for ln in text.splitlines()
-                        if ln.startswith("#") and "@package" not in ln
-                    ),
-                    "",
-                )
+            if not desc and isinstance(spec, dict) and isinstance(spec.get("task"), dict):  # a task's own description
+                desc = spec["task"].get("description")
+            if not desc:
+                desc = leading_comment(text)
             paper = spec.get("paper", "") if isinstance(spec, dict) else ""
             line = f"  {choice:<22} {desc}"
             if paper and paper not in desc:
