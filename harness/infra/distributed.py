@@ -152,14 +152,37 @@ def run_dir_pattern() -> str:
     return OmegaConf.to_container(OmegaConf.load(CONF_DIR / "config.yaml").hydra.run, resolve=False)["dir"]
 
 
-def describe(batch_size: int) -> dict[str, Any]:
+RANK_SEED_STRIDE = 1_000_003  # rank r draws dropout etc. from seed + r * stride (+ a resume's step)
+
+
+def seed_ranks(seed: int, step: int = 0) -> int | None:
+    """Give every rank its own torch random stream for the training loop (dropout masks, stochastic
+    depth): ``seed + rank * RANK_SEED_STRIDE + step`` on CPU and CUDA generators. Called once the model is
+    built (its initialisation stays the same on every rank, and DDP broadcasts rank 0's anyway) and
+    after a resume (rank 0's checkpointed generator state would otherwise give every rank the same
+    stream again). A no-op in a single process (returns None), so single-process runs are unchanged."""
+    if not is_initialized() or world_size() == 1:
+        return None
+    s = int(seed) + rank() * RANK_SEED_STRIDE + int(step)
+    torch.manual_seed(s)  # also seeds every CUDA device
+    return s
+
+
+def describe(batch_size: int, seed: int | None = None) -> dict[str, Any]:
     w = world_size()
-    return {
+    out = {
         "world_size": w,
         "backend": torch.distributed.get_backend() if is_initialized() else None,
         "global_batch_size": batch_size,
         "per_rank_batch_size": batch_size // w,
     }
+    if w > 1:
+        out["rank_seeds"] = (
+            f"rank r trains with torch seed {seed} + r * {RANK_SEED_STRIDE} (+ the step of a resume)"
+            if seed is not None
+            else f"seed + rank * {RANK_SEED_STRIDE}"
+        )
+    return out
 
 
 # ------------------------------------------------------------------------------------------ data sharding

@@ -284,6 +284,7 @@ def build_trainer(plan: Plan, parts: Parts, record: dict[str, Any]) -> Trainer:
         trainer.load_state_dict(state)
         trainer.requeues += 1
         log.info(f"resumed from {ckpt} at epoch {trainer.epoch} (step {trainer.step})")
+    distributed.seed_ranks(int(cfg.seed), trainer.step)  # torchrun: each rank its own dropout stream
     return trainer
 
 
@@ -382,7 +383,7 @@ def close_record(plan: Plan, record: dict[str, Any], trainer: Trainer | None) ->
     record["metric_directions"] = metric_directions(record.get("metrics") or {}, plan.cfg.task)
     record["hardware"] = hardware(plan.device)
     add_mfu(record)  # hardware.peak_flops and throughput.mfu (None on CPU / unknown GPUs)
-    record["distributed"] = distributed.describe(int(plan.cfg.trainer.batch_size))
+    record["distributed"] = distributed.describe(int(plan.cfg.trainer.batch_size), int(plan.cfg.seed))
     record["versions"] = versions()
     record["finished_at"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     if record["status"] == "running" or not distributed.is_main():  # interrupted: keep the checkpoint, no record

@@ -128,10 +128,11 @@ class BatchRenorm2d(nn.Module):
             var = xf.var(dim=(0, 2, 3), unbiased=False)
             sigma = (var + self.eps).sqrt()
             run_sigma = (self.running_var + self.eps).sqrt()
-            t = min(1.0, self.steps.item() / max(1, self.ramp_steps))
+            # the clip ramp as device tensors: no .item() host sync (and no graph break under compile) per forward
+            t = (self.steps.float() / max(1, self.ramp_steps)).clamp(max=1.0)
             r_max, d_max = 1.0 + t * (self.r_max - 1.0), t * self.d_max
-            r = (sigma.detach() / run_sigma).clamp(1.0 / r_max, r_max)
-            d = ((mu.detach() - self.running_mean) / run_sigma).clamp(-d_max, d_max)
+            r = torch.clamp(sigma.detach() / run_sigma, min=1.0 / r_max, max=r_max)
+            d = torch.clamp((mu.detach() - self.running_mean) / run_sigma, min=-d_max, max=d_max)
             y = ((xf - mu.view(shape)) / sigma.view(shape) * r.view(shape) + d.view(shape)).to(x.dtype)
             with torch.no_grad():
                 n = x.numel() / x.shape[1]

@@ -210,8 +210,11 @@ class Squentropy(Regularizer):
 
 
 class _Mixing(Regularizer):
-    """Shared sampling for mixup/cutmix: lambda ~ Beta(alpha, alpha) and a permutation of the batch, from a
-    NumPy generator seeded from cfg.seed (torch has no seeded Beta sampler) whose state is checkpointed."""
+    """Shared sampling for mixup/cutmix: lambda ~ Beta(alpha, alpha) (and cutmix's box) from a NumPy
+    generator seeded from cfg.seed (torch has no seeded Beta sampler): host scalars, no copy to the device.
+    The permutation of the batch is drawn on the batch's device (``torch.randperm`` with a device
+    generator seeded from cfg.seed), so no per-step host-to-device copy stalls the host. Both
+    generators' states are checkpointed."""
 
     def __init__(self, alpha: float = 1.0, prob: float = 1.0, **hyperparams: Any):
         super().__init__(**hyperparams)
@@ -220,6 +223,9 @@ class _Mixing(Regularizer):
             raise ConfigError(f"regularization={self.name}: alpha must be > 0, got 0")
         self.prob = _check_range(self, "prob", prob, 0.0, 1.0)
         self.rng: np.random.Generator | None = None
+        self.gen: torch.Generator | None = None  # on the batch's device: the permutations
+        self._gen_state: Tensor | None = None  # restored from a checkpoint before the generator exists
+        self.perm_seed = 0
         self.last_lam: float | None = None
         self.last_perm: Tensor | None = None
         self.applied = 0
@@ -232,7 +238,18 @@ class _Mixing(Regularizer):
 
     def _seed(self, ctx: RunContext) -> None:
         if self.rng is None:
-            self.rng = np.random.default_rng([int(ctx.cfg.seed) if ctx.cfg is not None else 0, 0x5EED])
+            seed = int(ctx.cfg.seed) if ctx.cfg is not None else 0
+            self.rng = np.random.default_rng([seed, 0x5EED])
+            self.perm_seed = seed * 1_000_003 + 0x5EED
+
+    def _permutation(self, n: int, device: torch.device) -> Tensor:
+        if self.gen is None or self.gen.device != device:
+            self.gen = torch.Generator(device=device)
+            self.gen.manual_seed(self.perm_seed)
+            if self._gen_state is not None:
+                self.gen.set_state(self._gen_state)
+                self._gen_state = None
+        return torch.randperm(n, device=device, generator=self.gen)
 
     def prepare_batch(self, batch: Batch, ctx: RunContext) -> Batch:
         self._seed(ctx)
@@ -242,7 +259,7 @@ class _Mixing(Regularizer):
             return batch
         n = batch.x.shape[0]
         lam = float(self.rng.beta(self.alpha, self.alpha))
-        perm = torch.from_numpy(self.rng.permutation(n)).to(batch.x.device)
+        perm = self._permutation(n, batch.x.device)
         x, lam = self.mix(batch.x, perm, lam)
         t = targets_of(batch, ctx.data.num_classes)
         self.last_lam, self.last_perm = lam, perm
@@ -253,12 +270,22 @@ class _Mixing(Regularizer):
         raise NotImplementedError
 
     def state_dict(self) -> dict[str, Any]:
-        return {"rng": self.rng.bit_generator.state if self.rng is not None else None}
+        return {
+            "rng": self.rng.bit_generator.state if self.rng is not None else None,
+            "perm_seed": self.perm_seed,
+            "gen": self.gen.get_state() if self.gen is not None else self._gen_state,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("rng") is not None:
             self.rng = np.random.default_rng()
             self.rng.bit_generator.state = state["rng"]
+        self.perm_seed = int(state.get("perm_seed", self.perm_seed))
+        if state.get("gen") is not None:
+            self._gen_state = state["gen"].cpu()
+            if self.gen is not None:
+                self.gen.set_state(self._gen_state)
+                self._gen_state = None
 
     def summary(self) -> dict[str, Any]:
         return {"alpha": self.alpha, "prob": self.prob, "applied_fraction": self.applied / max(self.steps, 1)}
