@@ -146,6 +146,7 @@ REFERENCES = {
     "adam": torch_ref("Adam", "lr", "betas", "eps"),
     "amsgrad": torch_ref("Adam", "lr", "betas", "eps", "amsgrad"),
     "adamw": torch_ref("AdamW", "lr", "betas", "eps"),
+    "adamw_gpt": torch_ref("AdamW", "lr", "betas", "eps"),
     "adamax": torch_ref("Adamax", "lr", "betas", "eps"),
     "nadam": torch_ref("NAdam", "lr", "betas", "eps", "momentum_decay"),
     "radam": torch_ref("RAdam", "lr", "betas", "eps"),
