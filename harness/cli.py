@@ -95,6 +95,20 @@ def calibrator_lists(args: list[str]) -> list[str]:
     return out
 
 
+def sweep_dir_overrides(args: list[str]) -> list[str]:
+    """A sweep's job directories are named by its swept keys (``3_small_cnn_digits_normalization=skipinit,seed=1``):
+    the overrides that are not swept are excluded from ``hydra.job.override_dirname``."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    if not {"-m", "--multirun"} & set(args) or any("override_dirname.exclude_keys" in a for a in args):
+        return []
+    parsed = OverridesParser.create().parse_overrides([a for a in args if not a.startswith("-") and "=" in a])
+    fixed = sorted(
+        {o.key_or_group for o in parsed if not o.is_sweep_override() and not o.key_or_group.startswith("hydra")}
+    )
+    return [f"hydra.job.config.override_dirname.exclude_keys=[{','.join(fixed)}]"] if fixed else []
+
+
 def task_override(parsed) -> list[str]:
     """``task=NAME`` for a command line that names no task: the task registered for its model x dataset
     pair (the defaults: resnet18 x cifar10). Raises ConfigError when there is none."""
@@ -163,6 +177,7 @@ def run(args: list[str], study: bool = False) -> int:
     try:
         extra = check_overrides(args)
         args = args if study else [*args, *extra]  # a study names its task in each of its runs
+        args = args if study else [*args, *sweep_dir_overrides(args)]
     except ConfigError as e:
         return fail(str(e))
     register_schema()
@@ -274,8 +289,8 @@ def leading_comment(text: str) -> str:
         elif block:
             break
     joined = " ".join(block)
-    end = re.search(r"[.;](\s|$)", joined)
-    return joined[: end.start() + 1].rstrip(";") if end else joined
+    end = re.search(r"(?<!\bal)(?<!e\.g)(?<!i\.e)\.(?=\s+[A-Z`]|$)", joined)  # not "et al." nor "e.g."
+    return joined[: end.start() + 1] if end else joined
 
 
 def list_groups(args: list[str]) -> int:

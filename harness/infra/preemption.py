@@ -42,8 +42,18 @@ def requested() -> bool:
 def _on_signal(signum: int, frame: FrameType | None) -> None:
     global _pending
     if _pending is None:
-        log.warning(f"caught {signal.Signals(signum).name}: checkpointing after the current step, then requeueing")
+        log.warning(
+            f"caught {signal.Signals(signum).name}: checkpointing after the current step, then {next_step(signum)}"
+        )
     _pending = signum
+
+
+def next_step(signum: int) -> str:
+    """What follows the checkpoint: submitit requeues a SLURM job on SIGUSR2; anything else just stops."""
+    previous = _previous.get(signum)
+    if signum == signal.SIGUSR2 and callable(previous) and _is_submitit(previous):
+        return "requeueing the job (submitit)"
+    return "stopping (continue with the same command and resume=true, or in the same hydra.run.dir)"
 
 
 def _ignore(signum: int, frame: FrameType | None) -> None:
