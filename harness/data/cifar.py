@@ -172,6 +172,8 @@ def build_cifar(
     flip: bool,
     mean: list[float] | None,
     std: list[float] | None,
+    label_noise: float = 0.0,
+    noise_seed: int = 0,
 ) -> DataBundle:
     s = SPECS[name]
     root = ensure_cifar(name, data_dir)
@@ -185,6 +187,8 @@ def build_cifar(
     test = DeviceImageSplit(x_test, y_test, mean, std, device=device)
     # the validation images depend on the data seed only, so every technique of a task sees the same ones
     train, val = split_off_validation(train, int(val_size), seed=int(split_seed))
+    # symmetric label noise on the training labels only, after validation is carved (val and test stay clean)
+    train = train.with_label_noise(s["num_classes"], label_noise, noise_seed)
     return DataBundle(
         name=name,
         task="classification",

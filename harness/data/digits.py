@@ -18,8 +18,20 @@ def load_digits_tensors() -> tuple[torch.Tensor, torch.Tensor]:
     return images, torch.from_numpy(d.target).long()
 
 
-def digits(data_dir, device, seed, *, train_size: int, val_size: int, crop_padding: int) -> DataBundle:
-    """``conf/dataset/digits.yaml``: scikit-learn's 8x8 digits (Alpaydin & Kaynak 1998), a fixed split."""
+def digits(
+    data_dir,
+    device,
+    seed,
+    *,
+    train_size: int,
+    val_size: int,
+    crop_padding: int,
+    label_noise: float = 0.0,
+    noise_seed: int = 0,
+) -> DataBundle:
+    """``conf/dataset/digits.yaml``: scikit-learn's 8x8 digits (Alpaydin & Kaynak 1998), a fixed split.
+    ``label_noise``: symmetric noise on the training labels after validation is carved
+    (``harness.data.base.symmetric_label_noise``)."""
     images, labels = load_digits_tensors()
     # fixed split, independent of the run seed: the first train_size images train, the rest test
     n_train = int(train_size)
@@ -30,6 +42,7 @@ def digits(data_dir, device, seed, *, train_size: int, val_size: int, crop_paddi
     train = DeviceImageSplit(images[:n_train], labels[:n_train], mean, std, crop_padding=pad, device=device)
     test = DeviceImageSplit(images[n_train:], labels[n_train:], mean, std, device=device)
     train, val = split_off_validation(train, int(val_size), seed=0)
+    train = train.with_label_noise(10, label_noise, noise_seed)  # training labels only: val and test stay clean
     return DataBundle(
         name="digits",
         task="classification",

@@ -8,6 +8,11 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from harness.data.base import check_label_noise
+from harness.errors import ConfigError
+
+# datasets whose builders apply dataset.label_noise (device-resident image splits)
+LABEL_NOISE_DATASETS = ("digits", "cifar10", "cifar100", "synthetic")
 # vocabulary sizes of the WikiText tokenizers (word: types of the training split incl. <unk>, <eos>)
 WIKITEXT_VOCAB = {("wikitext2", "word"): 33_278, ("wikitext103", "word"): 267_735, "byte": 256, "gpt2": 50_257}
 WIKITEXT_TRAIN_TOKENS = {"wikitext2": 2_088_628, "wikitext103": 103_227_021}
@@ -50,8 +55,17 @@ def _cached_vocab(data_dir: Path, name: str, tokenizer: str) -> int | None:
 
 
 def data_spec(cfg, data_dir: str | Path) -> DataSpec:
-    """The shape of ``cfg`` (a dataset config) without loading it."""
+    """The shape of ``cfg`` (a dataset config) without loading it. Refuses ``dataset.label_noise``
+    outside [0, 1) or on a dataset whose builder does not apply it (language models, image folders)."""
     name, data_dir = str(cfg.name), Path(data_dir)
+    noise, noise_seed = cfg.get("label_noise"), cfg.get("noise_seed", 0)
+    if noise is not None or "noise_seed" in cfg:
+        if check_label_noise(0.0 if noise is None else noise, noise_seed) and name not in LABEL_NOISE_DATASETS:
+            kind = "a language-model dataset" if name.startswith("wikitext") or cfg.get("tokenizer") else "this dataset"
+            raise ConfigError(
+                f"dataset.label_noise={noise} is not supported by dataset={name} ({kind}); it applies to the "
+                f"device-resident image datasets: {', '.join(LABEL_NOISE_DATASETS)}"
+            )
     val = int(cfg.get("val_size") or 0)
     subset = cfg.get("train_subset")
 

@@ -23,6 +23,8 @@ def synthetic(
     crop_padding: int,
     flip: bool,
     val_size: int,
+    label_noise: float = 0.0,
+    noise_seed: int = 0,
 ) -> DataBundle:
     """``conf/dataset/synthetic.yaml``: random uint8 images and labels of configurable shape, for speed tests."""
     c, size, k = int(channels), int(image_size), int(num_classes)
@@ -39,6 +41,7 @@ def synthetic(
     train = DeviceImageSplit(images[:n_train], labels[:n_train], mean, std, device=device, **aug)
     test = DeviceImageSplit(images[n_train:], labels[n_train:], mean, std, device=device)
     train, val = split_off_validation(train, int(val_size), seed=0)
+    train = train.with_label_noise(k, label_noise, noise_seed)  # training labels only: val and test stay clean
     return DataBundle(
         name="synthetic",
         task="classification",

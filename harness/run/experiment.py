@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from harness import config as hconfig
 from harness.data import build_dataset
+from harness.data.base import label_noise_info
 from harness.data.sharding import shard_data
 from harness.data.spec import data_spec
 from harness.errors import ConfigError, DataMissingError, describe_os_error, infra_fault
@@ -318,6 +319,7 @@ def start_record(plan: Plan, data, started: dt.datetime) -> dict[str, Any]:
                 if getattr(data, s) is not None and data.task != "lm"
             },
             **data.meta,
+            **({"label_noise": noise} if (noise := label_noise_info(data.train)) else {}),
         },
     }
 
