@@ -272,7 +272,7 @@ def study(args: list[str]) -> int:
     argv = [
         "-m",
         f"study={name}",
-        *study_overrides,
+        *("++" + o.lstrip("+") for o in study_overrides),  # composes whether or not the key is at the top level
         "hydra/sweeper=harness_study",
         f"hydra.sweep.dir={results_dir}/studies/{spec.name}/runs",
         *other,

@@ -32,6 +32,8 @@ TECHNIQUE_GROUPS = (
     "calibration",
     "quantization",
 )
+# documentation keys of a group's node: never part of the run key
+PROSE_KEYS_OF_GROUPS = ("description", "paper", "source", "checked_against", "notes")
 # keys that never change what a run computes
 VOLATILE_KEYS = ("results_dir", "data_dir", "resume", "logger", "sweep", "study", "study_run")
 # trainer keys that are bookkeeping, not part of the task or the technique
@@ -122,6 +124,9 @@ def run_key(config: dict[str, Any], environment: dict[str, Any] | None = None) -
     two runs with one key give the same numbers on one kind of machine. Resume and
     ``sweep.skip_completed`` match on it; leaderboards count one record per key."""
     stable = {k: v for k, v in config.items() if k not in VOLATILE_KEYS}
+    for k, v in stable.items():  # prose (descriptions, papers) never changes what a run computes
+        if isinstance(v, dict):
+            stable[k] = {kk: vv for kk, vv in v.items() if kk not in PROSE_KEYS_OF_GROUPS}
     trainer = dict(stable.get("trainer", {}))
     for k in TRAINER_BOOKKEEPING:
         trainer.pop(k, None)

@@ -66,7 +66,7 @@ def group_keys(group: str) -> set[str]:
 def check_key(key: str, groups: bool = True) -> None:
     """Refuse ``node.leaf`` when the node has no such key, suggesting the close matches. ``groups``:
     also check the keys of config groups (off when a user search path may add choices with other keys)."""
-    if "." not in key or key.startswith("hydra.") or key.startswith("hydra/"):
+    if "." not in key or key.startswith(("hydra.", "hydra/", "study.")):  # study keys: harness.study.spec checks them
         return
     node, leaf = key.rsplit(".", 1)
     typed = typed_keys()

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from harness.records import RECORD_NAME, read_record
 from harness.study import analyze, report
 from harness.study.plan import Job, scan_jobs, seed_jobs, tuning_jobs
-from harness.study.spec import Study, parse
+from harness.study.spec import Study, load
 
 log = logging.getLogger("harness")
 REUSABLE = ("ok", "diverged")
@@ -114,6 +114,7 @@ class StudyRunner:
 
     def finish(self, result: dict[str, Any]) -> dict[str, Any]:
         study = self.study
+        result["command"] = getattr(self, "command", None)
         out = study_dir(self.results_dir, study)
         written = report.write(result, out)
         log.info(
@@ -129,9 +130,13 @@ class StudyRunner:
 def run_study(config: DictConfig, arguments: list[str], launcher, config_loader) -> dict[str, Any]:
     """Entry point of the study sweeper."""
     name = OmegaConf.select(config, "hydra.runtime.choices.study")
-    study = parse(config.study, name)
+    study_args = [a for a in arguments if a.lstrip("+~").startswith("study.")]
+    study = load(name, study_args)  # the same reading as the CLI's check (scale-aware overrides)
     passthrough = [a for a in arguments if not a.lstrip("+~").startswith("study")]
-    result = StudyRunner(study, config, passthrough, launcher, config_loader).run()
+    runner = StudyRunner(study, config, passthrough, launcher, config_loader)
+    shown = [a.lstrip("+") if a.lstrip("+~").startswith("study.") else a for a in arguments if not a.startswith("study=")]
+    runner.command = " ".join(["harness study", str(name), *shown])
+    result = runner.run()
     LAST_RESULT.clear()
     LAST_RESULT.update(result)
     return result

@@ -150,21 +150,28 @@ def load(name: str, overrides: list[str] | None = None) -> Study:
     node = OmegaConf.load(path)
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
+    parsed = []
     for o in overrides or []:
         key = o.split("=", 1)[0].lstrip("+")
         if not key.startswith("study.") or "=" not in o:
-            raise ConfigError(
-                f"{o!r}: study options are written study.KEY=VALUE (e.g. study.budget=16, study.seeds=10)"
-            )
+            raise ConfigError(f"{o!r}: study options are written study.KEY=VALUE (e.g. study.budget=16, study.seeds=10)")
         sub = key[len("study.") :]
         if sub.split(".")[0] not in KEYS:
             raise ConfigError(unknown_choice_message("study key", sub.split(".")[0], sorted(KEYS)))
         try:  # Hydra's grammar: study.seeds=10, 'study.arms.a.overrides=["optimizer=sgd"]', study.search={...}
-            (parsed,) = OverridesParser.create().parse_overrides([o.lstrip("+")])
-            value = parsed.value()
-            OmegaConf.update(node, sub, value, merge=False, force_add=True)
+            (one,) = OverridesParser.create().parse_overrides([o.lstrip("+")])
         except Exception as e:  # noqa: BLE001
             raise ConfigError(f"{o!r} is invalid: {str(e).splitlines()[0]}") from e
+        parsed.append((sub, one.value()))
+    # study.scale first; then each key where the chosen scale sets it (so a command line beats the scale)
+    for sub, value in sorted(parsed, key=lambda kv: kv[0] != "scale"):
+        scales = node.get("scales") or {}
+        scale = node.get("scale") or next(iter(scales), None)
+        target = f"scales.{scale}.{sub}" if scale in scales and sub.split(".")[0] in (scales[scale] or {}) else sub
+        try:
+            OmegaConf.update(node, target, value, merge=False, force_add=True)
+        except Exception as e:  # noqa: BLE001
+            raise ConfigError(f"study.{sub} is invalid: {str(e).splitlines()[0]}") from e
     return parse(node, name, path)
 
 
