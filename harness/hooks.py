@@ -5,6 +5,10 @@ training loop in this order (see DESIGN.md):
 
     prepare_model  -> once, after the model is built and before the optimizer exists
                       (normalization swap, QAT, FP8)
+    select_samples -> at the start of each epoch: the training positions (a device index tensor) the
+                      epoch iterates, or None for the whole split; the first technique that returns
+                      an index decides (Progressive Data Dropout). The schedule keeps its length in
+                      epochs: a shortened epoch advances it by a whole epoch's steps
     prepare_batch  -> every step, before the forward pass (mixup, cutmix); may return soft targets
     loss           -> every step: the first technique that returns a loss replaces cross-entropy
                       (label smoothing, PS-KD, focal, squentropy)
@@ -73,6 +77,9 @@ class Technique:
 
     def prepare_model(self, model: nn.Module, ctx: RunContext) -> nn.Module:
         return model
+
+    def select_samples(self, ctx: RunContext) -> Tensor | None:
+        return None
 
     def prepare_batch(self, batch: Batch, ctx: RunContext) -> Batch:
         return batch
