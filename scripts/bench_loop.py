@@ -94,20 +94,24 @@ def main() -> None:
     args = ap.parse_args()
     if args.gpu:
         overrides = [
+            "task=resnet18_cifar10",
             "model=resnet18",
             "dataset=synthetic",
             "dataset.train_size=25000",
             "dataset.test_size=1000",
+            "dataset.val_size=0",
             "trainer.batch_size=512",
             "precision=bf16",
             "trainer.channels_last=true",
         ]
     else:
         overrides = [
+            "task=quickstart",
             "model=small_cnn",
             "dataset=synthetic",
             "dataset.train_size=4096",
             "dataset.test_size=256",
+            "dataset.val_size=0",
             "trainer.batch_size=128",
             "precision=fp32",
         ]
