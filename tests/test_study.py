@@ -14,7 +14,7 @@ from harness.study.plan import Param, unit_points
 from harness.study.spec import parse
 from tests.conftest import harness, records
 
-FAST = ['study.overrides=["trainer.epochs=2","trainer.progress=none"]']
+FAST = ['study.overrides=["trainer.epochs=1","trainer.progress=none"]']
 
 
 @pytest.fixture(scope="module")

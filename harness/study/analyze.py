@@ -284,29 +284,30 @@ def verdict(study: Study, arms: list[dict[str, Any]], task: dict[str, Any], metr
     return decide(crit, study, arms, task, metric)
 
 
+def combine(crit: dict[str, Any], parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """``all_of``: reproduced when every part is, contradicted when any part is, inconclusive otherwise."""
+    verdicts = [p["verdict"] for p in parts]
+    if "contradicted" in verdicts:
+        v = "contradicted"
+    else:
+        v = "reproduced" if all(x == "reproduced" for x in verdicts) else "inconclusive"
+    needed = [p["seeds_needed"] for p in parts if p.get("seeds_needed")]
+    return {
+        "verdict": v,
+        "reason": "; ".join(f"[{p['verdict']}] {p['reason']}" for p in parts),
+        "criterion": crit,
+        "parts": parts,
+        "seeds_needed": max(needed) if needed and v == "inconclusive" else None,
+    }
+
+
 def decide(
     crit: dict[str, Any], study: Study, arms: list[dict[str, Any]], task: dict[str, Any], metric: str
 ) -> dict[str, Any]:
     """One criterion, or ``all_of`` several: reproduced when every part is, contradicted when any part
     is, inconclusive otherwise."""
     if "all_of" in crit:
-        parts = [decide(dict(c), study, arms, task, metric) for c in crit["all_of"]]
-        verdicts = [p["verdict"] for p in parts]
-        v = (
-            "contradicted"
-            if "contradicted" in verdicts
-            else "reproduced"
-            if all(x == "reproduced" for x in verdicts)
-            else "inconclusive"
-        )
-        needed = [p.get("seeds_needed") for p in parts if p.get("seeds_needed")]
-        return {
-            "verdict": v,
-            "reason": "; ".join(f"[{p['verdict']}] {p['reason']}" for p in parts),
-            "criterion": crit,
-            "parts": parts,
-            "seeds_needed": max(needed) if needed and v == "inconclusive" else None,
-        }
+        return combine(crit, [decide(dict(c), study, arms, task, metric) for c in crit["all_of"]])
     by_name = {a["name"]: a for a in arms}
     arm = by_name[crit["arm"]]
     versus = by_name[crit.get("versus") or next(a["name"] for a in arms if a["baseline"])]
@@ -548,21 +549,7 @@ def analyze_scan(study: Study, jobs: list[Job], recs: dict[str, dict[str, Any] |
 
 def _slope_verdict(crit: dict[str, Any], arms: list[dict[str, Any]]) -> dict[str, Any]:
     if "all_of" in crit:
-        parts = [_slope_verdict(dict(c), arms) for c in crit["all_of"]]
-        verdicts = [p["verdict"] for p in parts]
-        v = (
-            "contradicted"
-            if "contradicted" in verdicts
-            else "reproduced"
-            if all(x == "reproduced" for x in verdicts)
-            else "inconclusive"
-        )
-        return {
-            "verdict": v,
-            "reason": "; ".join(f"[{p['verdict']}] {p['reason']}" for p in parts),
-            "criterion": crit,
-            "parts": parts,
-        }
+        return combine(crit, [_slope_verdict(dict(c), arms) for c in crit["all_of"]])
     arm = next(a for a in arms if a["name"] == crit["arm"])
     low, high = float(crit["low"]), float(crit["high"])
     base = {"criterion": crit, "arm": arm["name"], "interval": [low, high]}
