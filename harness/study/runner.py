@@ -134,7 +134,9 @@ def run_study(config: DictConfig, arguments: list[str], launcher, config_loader)
     study = load(name, study_args)  # the same reading as the CLI's check (scale-aware overrides)
     passthrough = [a for a in arguments if not a.lstrip("+~").startswith("study")]
     runner = StudyRunner(study, config, passthrough, launcher, config_loader)
-    shown = [a.lstrip("+") if a.lstrip("+~").startswith("study.") else a for a in arguments if not a.startswith("study=")]
+    shown = [
+        a.lstrip("+") if a.lstrip("+~").startswith("study.") else a for a in arguments if not a.startswith("study=")
+    ]
     runner.command = " ".join(["harness study", str(name), *shown])
     result = runner.run()
     LAST_RESULT.clear()

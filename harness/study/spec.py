@@ -154,7 +154,9 @@ def load(name: str, overrides: list[str] | None = None) -> Study:
     for o in overrides or []:
         key = o.split("=", 1)[0].lstrip("+")
         if not key.startswith("study.") or "=" not in o:
-            raise ConfigError(f"{o!r}: study options are written study.KEY=VALUE (e.g. study.budget=16, study.seeds=10)")
+            raise ConfigError(
+                f"{o!r}: study options are written study.KEY=VALUE (e.g. study.budget=16, study.seeds=10)"
+            )
         sub = key[len("study.") :]
         if sub.split(".")[0] not in KEYS:
             raise ConfigError(unknown_choice_message("study key", sub.split(".")[0], sorted(KEYS)))
