@@ -155,5 +155,5 @@ def test_compiled_run_records_warmup_apart_from_training(tmp_path):
     assert t["total_s"] == pytest.approx(t["train_s"] + t["warmup_s"] + t["eval_s"], abs=1e-3)
     assert rec["throughput"]["samples_per_s"] == pytest.approx(steps_after * 64 / t["train_s"], rel=0.05)
     if t["time_to_target_s"] is not None:
-        assert t["time_to_target_with_warmup_s"] == pytest.approx(t["time_to_target_s"] + t["warmup_s"], rel=1e-6)
+        assert t["time_to_target_with_warmup_s"] == pytest.approx(t["time_to_target_s"] + t["warmup_s"], abs=1e-3)
     assert rec["hardware"]["numerics"]["float32_matmul_precision"] in ("highest", "high", "medium")
