@@ -105,8 +105,9 @@ class Trainer:
         self.higher_is_better = task.direction == "max"
         self.hooks = {
             h: [tq for tq in techniques if overrides(tq, h)]
-            for h in ("prepare_batch", "loss", "after_backward", "after_epoch")
+            for h in ("select_samples", "prepare_batch", "loss", "after_backward", "after_epoch")
         }
+        self.selecting = bool(self.hooks["select_samples"])  # epochs may be shortened (regularization=pdd)
         ctx.extras["predict"] = self.predict
         # progress (restored on resume)
         self.epoch = self.step = self.samples = self.requeues = 0
@@ -167,23 +168,28 @@ class Trainer:
         )  # batches trained on before a preemption (the order depends on seed and epoch only)
         loss_sum = torch.full((), float(partial.get("loss_sum", 0.0)), device=self.device)
         n_steps = skip
+        index, n_kept = self.select_samples(bs)  # None: the whole training split
+        kept = {} if index is None else {"index": index}
         self._sync()
-        t0 = time.perf_counter()
-        for i, batch in enumerate(self.data.train.batches(bs, train=True, epoch=epoch, seed=seed)):
-            if self.step >= self.ctx.total_steps:
+        t0, timed = time.perf_counter(), 0
+        for i, batch in enumerate(self.data.train.batches(bs, train=True, epoch=epoch, seed=seed, **kept)):
+            if self.step >= self.ctx.total_steps or self.schedule_position() >= self.ctx.total_steps:
                 break
             if i < skip:
                 continue
             loss = self.train_step(batch)
+            if index is not None:  # a shortened epoch spans a whole epoch of the schedule
+                self._advance_schedule(epoch * self.ctx.steps_per_epoch + (i + 1) * self.ctx.steps_per_epoch // n_kept)
+            timed += 1
             if self._warm_left:  # a warm-up step: timed apart (one host sync)
                 t0 = self._end_warmup_step(t0, batch.y.shape[0] * self.world)
+                timed = 0  # the rate counts the steps after the clock restarted
             loss_sum += loss
             n_steps += 1
             if progress.due(self.step):  # progress point: the only host syncs inside an epoch
                 self.check_finite(f"at step {self.step} (epoch {epoch + 1})")
-                progress.update(
-                    epoch, i + 1, loss.item(), ((n_steps - skip) * bs) / max(time.perf_counter() - t0, 1e-9)
-                )
+                rate = (timed * bs) / (time.perf_counter() - t0) if timed else 0.0
+                progress.update(epoch, i + 1, loss.item(), rate)
             if preemption.requested():  # SIGUSR2/SIGTERM: checkpoint at this step boundary, then requeue
                 self._sync()
                 self.train_s += time.perf_counter() - t0
@@ -193,6 +199,30 @@ class Trainer:
         self.train_s += time.perf_counter() - t0
         self.check_finite(f"in epoch {epoch + 1} (step {self.step})")
         return distributed.mean(loss_sum / max(n_steps, 1))
+
+    def select_samples(self, batch_size: int) -> tuple[Tensor | None, int]:
+        """The training positions this epoch iterates (``select_samples`` hook: the first technique that
+        returns an index decides; None: the whole split) and its number of steps. The selection pass is
+        training time (``timing.train_s``)."""
+        t0 = time.perf_counter()
+        for tq in self.hooks["select_samples"]:
+            index = tq.select_samples(self.ctx)
+            if index is not None:
+                self._sync()
+                self.train_s += time.perf_counter() - t0
+                return index, self.data.train.num_batches(batch_size, True, len(index))
+        return None, self.ctx.steps_per_epoch
+
+    def schedule_position(self) -> int:
+        """Steps of the schedule taken: the optimizer steps, or more when sample selection shortens epochs."""
+        return int(self.scheduler.last_epoch) if self.selecting else self.step
+
+    def _advance_schedule(self, position: int) -> None:
+        """Sample selection (``regularization=pdd``) shortens epochs; the schedule keeps the baseline's
+        length in epochs, so a shortened epoch of n steps advances it by ``steps_per_epoch`` steps,
+        evenly over its n steps (the learning rate at the end of epoch t equals the baseline's)."""
+        while int(self.scheduler.last_epoch) < min(position, self.ctx.total_steps):
+            self.scheduler.step()
 
     def _end_warmup_step(self, t0: float, samples: int) -> float:
         self._sync()
@@ -441,6 +471,7 @@ class Trainer:
         w = self.warmup
         samples = self.samples - w["warmup_samples"]  # throughput after warm-up
         tokens = samples * (self.data.input_shape[0] if self.is_lm else 1)
+        n_train = max(len(self.data.train) * self.world, 1)
         out = {
             "timing": {
                 "total_s": round(self.train_s + w["warmup_s"] + self.eval_s, 4),
@@ -456,6 +487,10 @@ class Trainer:
             "throughput": {"samples_per_s": samples / self.train_s if self.train_s else None},
             "steps": self.step,
             "epochs_completed": self.epoch,
+            # sample-passes (samples trained on, warm-up included) and the same in passes over the training
+            # split: below the epochs when sample selection (regularization=pdd) shortens epochs
+            "sample_passes": self.samples,
+            "effective_epochs": None if self.is_lm else round(self.samples / n_train, 4),
             "precision": self.precision,
         }
         if self.is_lm:
