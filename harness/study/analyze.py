@@ -148,7 +148,7 @@ def seeds_needed(a: list[float], b: list[float], effect: float, alpha: float) ->
 def _u(metric: str, v: float, signed: bool = True) -> str:
     """A value of ``metric`` as the report shows it (accuracies in percentage points)."""
     if metric.endswith(("_acc", "_top5")):
-        return f"{100 * v:+.2f} pp" if signed else f"{100 * v:.2f} %"
+        return f"{100 * v:+.2f} pp" if signed else f"{100 * v:.2f} pp"
     return f"{v:+.4g}" if signed else f"{v:.4g}"
 
 
@@ -375,7 +375,7 @@ def decide(
             return {
                 **base,
                 "verdict": "reproduced",
-                "reason": f"{what}: difference {_u(m, good)} in the good direction, {span} above the margin -{_u(m, margin, False)}",
+                "reason": f"{what}: difference {_u(m, good)} in the good direction, {span} above the margin {_u(m, -margin or 0.0)}",
             }
         if hi < -margin:
             return {
@@ -386,7 +386,7 @@ def decide(
         return {
             **base,
             "verdict": "inconclusive",
-            "reason": f"{what}: difference {_u(m, good)}, {span} straddles the margin -{_u(m, margin, False)}",
+            "reason": f"{what}: difference {_u(m, good)}, {span} straddles the margin {_u(m, -margin or 0.0)}",
             "seeds_needed": seeds_needed(a, b, good + margin, study.alpha),
         }
     if kind == "lower_std":

@@ -12,6 +12,7 @@ import html
 import io
 import json
 import math
+import os
 import platform
 from pathlib import Path
 from typing import Any
@@ -92,6 +93,12 @@ def md_table(headers: list[str], rows: list[list[str]]) -> str:
     )
 
 
+def torch_version() -> str:
+    import torch
+
+    return torch.__version__
+
+
 def provenance(result: dict[str, Any]) -> dict[str, str]:
     s = result["study"]
     cmd = f"harness study {s['name']}" + (f" study.scale={s['scale']}" if s.get("scale") else "")
@@ -99,7 +106,8 @@ def provenance(result: dict[str, Any]) -> dict[str, str]:
     return {
         "command": result.get("command") or cmd,
         "commit": git_commit() or "unknown",
-        "machine": f"{platform.node() or 'unknown'} ({platform.machine()}, {', '.join(devices) or 'unknown device'})",
+        "machine": f"{platform.node() or 'unknown'} ({platform.machine()}, {os.cpu_count()} CPUs, {', '.join(devices) or 'unknown device'}, "
+        f"torch {torch_version()})",
         "generated": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
 
