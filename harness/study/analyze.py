@@ -26,6 +26,7 @@ from harness.study.plan import Job
 from harness.study.spec import Study
 
 POWER = 0.8
+RUN_QUANTITIES = ("effective_epochs", "sample_passes")  # top-level record fields, lower is cheaper
 
 
 def task_info(records: list[dict[str, Any] | None]) -> dict[str, Any]:
@@ -228,7 +229,10 @@ def analyze(
 
 def _run_row(job: Job, rec: dict[str, Any] | None, metric: str) -> dict[str, Any]:
     rec = rec or {}
-    m = rec.get("metrics") or {}
+    m = dict(rec.get("metrics") or {})
+    for key in RUN_QUANTITIES:  # record-level quantities a criterion may read like metrics
+        if isinstance(rec.get(key), (int, float)):
+            m[key] = rec[key]
     return {
         "label": job.label,
         "index": job.index,
@@ -318,7 +322,7 @@ def decide(
     if kind == "reaches_fraction":
         return _reaches_fraction(crit, arm, versus, study)
     if kind == "ratio_below":
-        return _ratio_below(crit, arm, m, vm)
+        return _ratio_below(crit, arm, m, vm, versus if crit.get("versus") else None)
     a = _values(arm["runs"], m)
     b = _values(versus["runs"], vm)
     what = m if vm == m else f"{arm['name']} {m} vs {versus['name']} {vm}"
@@ -409,10 +413,37 @@ def decide(
     raise ValueError(f"unknown criterion {kind}")
 
 
-def _ratio_below(crit: dict[str, Any], arm: dict[str, Any], m: str, vm: str) -> dict[str, Any]:
-    """Within one arm: mean over seeds of ``metric / versus_metric`` (e.g. ECE after / before temperature
-    scaling) at most ``threshold``, judged on its 95% t interval."""
+def _ratio_below(
+    crit: dict[str, Any], arm: dict[str, Any], m: str, vm: str, versus: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """``metric / versus_metric`` at most ``threshold``. Within one arm (no ``versus`` in the criterion):
+    the per-seed ratios (e.g. ECE after / before temperature scaling), judged on their 95% t interval.
+    Against another arm: the ratio of the two arms' means (e.g. sample-passes of PDD / the baseline's)."""
     thr = float(crit["threshold"])
+    if versus is not None:
+        a = [
+            r["metrics"][m]
+            for r in arm["runs"]
+            if r["status"] == "ok" and isinstance(r["metrics"].get(m), (int, float))
+        ]
+        b = [
+            r["metrics"][vm]
+            for r in versus["runs"]
+            if r["status"] == "ok" and isinstance(r["metrics"].get(vm), (int, float))
+        ]
+        base = {
+            "criterion": crit,
+            "metric": m,
+            "versus_metric": vm,
+            "arm": arm["name"],
+            "versus": versus["name"],
+            "threshold": thr,
+        }
+        if not a or not b or not np.mean(b):
+            return {**base, "verdict": "inconclusive", "reason": f"{m}: no successful runs to compare"}
+        ratio = float(np.mean(a) / np.mean(b))
+        text = f"{arm['name']} {m} / {versus['name']} {vm} = {np.mean(a):.4g} / {np.mean(b):.4g} = {ratio:.3f} against {thr:.3f}"
+        return {**base, "ratio": ratio, "verdict": "reproduced" if ratio <= thr else "contradicted", "reason": text}
     ratios = [
         r["metrics"][m] / r["metrics"][vm]
         for r in arm["runs"]

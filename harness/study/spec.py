@@ -289,7 +289,7 @@ def check_criterion(study: Study, crit: dict[str, Any]) -> None:
 
     for key in ("metric", "versus_metric"):
         metric = crit.get(key)
-        if metric is None:
+        if metric is None or metric in ("effective_epochs", "sample_passes"):
             continue
         split, _, base = str(metric).partition("_")
         if split not in ("val", "test", "train") or base.split("_after")[0] not in METRIC_DIRECTIONS:
