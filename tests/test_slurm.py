@@ -99,14 +99,14 @@ def test_four_job_sweep_completes_with_four_records(tmp_path):
 
 def test_failed_run_is_failed_in_slurm_and_in_its_record(tmp_path):
     name = f"harness-fail-{uuid.uuid4().hex[:8]}"
-    # a negative width passes config checks and fails when the model is built, after the run
-    # started: a `failed` record, and a job that exits non-zero
+    # a learning rate of 1e6 passes every check (bad input is refused before any job) and makes the loss
+    # non-finite after the run started: a `diverged` record, and a job that exits non-zero
     proc = harness(
-        "trainer.epochs=1", "model.width=-1", f"hydra.launcher.name={name}", f"results_dir={tmp_path}", cwd=tmp_path
+        "trainer.epochs=1", "optimizer.lr=1e6", f"hydra.launcher.name={name}", f"results_dir={tmp_path}", cwd=tmp_path
     )
     assert proc.returncode != 0  # the sweep reports the failed job
     (rec,) = records(tmp_path)
-    assert rec["status"] == "failed" and "negative dimension" in rec["error"]
+    assert rec["status"] == "diverged" and "non-finite training loss" in rec["error"]
     states = sacct_states(name, 1)
     assert list(states.values()) == ["FAILED"], states
 
@@ -140,3 +140,25 @@ def test_preempted_job_resumes_from_its_checkpoint(tmp_path):
     assert "handing over to submitit to requeue" in log and "Requeued job" in log
     assert "resumed from" in log
     assert list(sacct_states(name, 1).values()) == ["COMPLETED"]
+
+
+def test_a_study_launches_its_runs_on_slurm(tmp_path):
+    """`harness study smoke -m hydra/launcher=slurm`: every tuning and seed run is a SLURM job, the study
+    selects on validation and writes its report; a second invocation submits nothing."""
+    name = f"harness-study-{uuid.uuid4().hex[:8]}"
+    args = [
+        sys.executable, "-m", "harness", "study", "smoke", "-m", *CLUSTER, f"hydra.launcher.name={name}",
+        "study.budget=1", "study.seeds=2", 'study.overrides=["trainer.epochs=1","trainer.progress=none"]',
+        f"results_dir={tmp_path}",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    study = json.loads((tmp_path / "studies" / "smoke" / "study.json").read_text())
+    assert all(a["budget_trials"] == 1 and len(a["runs"]) == 2 for a in study["arms"])
+    assert study["verdict"]["verdict"] in ("reproduced", "contradicted", "inconclusive")
+    states = sacct_states(name, expect=2 * (1 + 2))
+    assert len(states) == 6 and set(states.values()) == {"COMPLETED"}, states
+    again = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "launching 0" in again.stdout + again.stderr
+    assert len(sacct_states(name, expect=6)) == 6  # nothing new was submitted
