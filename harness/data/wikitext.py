@@ -243,8 +243,11 @@ def build_wikitext(
     context: int,
     steps_per_epoch: int | None,
     download: bool,
+    eval_tokens: int | None = None,
 ) -> DataBundle:
     tokenizer, variant = str(tokenizer), str(variant)
+    if eval_tokens is not None and (not isinstance(eval_tokens, int) or eval_tokens < int(context) + 1):
+        raise ConfigError(f"dataset.eval_tokens={eval_tokens!r} must be null (whole splits) or an integer > dataset.context")
     if tokenizer not in TOKENIZERS:
         raise ConfigError(f"dataset.tokenizer={tokenizer!r}; valid choices: {', '.join(TOKENIZERS)}")
     if variant not in VARIANTS:
@@ -256,6 +259,8 @@ def build_wikitext(
     context = int(context)
     steps = steps_per_epoch
     train = TokenSplit(ids["train"], context, device, steps_per_epoch=steps)
+    if eval_tokens is not None:  # a prefix of each evaluation split (CPU-sized studies); recorded, part of the task
+        ids = {s: (a if s == "train" else a[: int(eval_tokens)]) for s, a in ids.items()}
     val = TokenSplit(ids["valid"], context, device)
     test = TokenSplit(ids["test"], context, device)
     meta = {
@@ -267,6 +272,7 @@ def build_wikitext(
         "vocab_size": vocab_size,
         "context": context,
         "tokens": {s: int(len(a)) for s, a in ids.items()},
+        "eval_tokens": eval_tokens,
         "unigram_ppl": unigram_perplexity(ids["train"], vocab_size),  # exp(entropy) of the training split
         "unigram_ppl_valid": unigram_model_perplexity(ids["train"], ids["valid"], vocab_size),
         "cached": cached,
