@@ -30,7 +30,14 @@ FILED = ("report.md", "report.html", "summary.csv", "study.json")
 
 
 def run_claim(name: str, scale: str, scratch: Path, data_dir: str, log) -> int:
-    cmd = ["harness", "study", f"claims/{name}", f"study.scale={scale}", f"results_dir={scratch}", f"data_dir={data_dir}"]
+    cmd = [
+        "harness",
+        "study",
+        f"claims/{name}",
+        f"study.scale={scale}",
+        f"results_dir={scratch}",
+        f"data_dir={data_dir}",
+    ]
     log.write(f"\n$ {' '.join(cmd)}\n")
     log.flush()
     t0 = time.time()
@@ -69,9 +76,46 @@ def file_claim(name: str, scratch: Path) -> Path | None:
     return dst
 
 
+def verify_claim(name: str, scratch: Path) -> str:
+    """Re-run one seed run of a filed claim from its record (its overrides, same seed, same thread count) and
+    compare every final metric with the record: the check that each run is re-runnable from its record."""
+    import os
+    import tempfile
+
+    study = json.loads((REFERENCE / "claims" / name / "study.json").read_text())
+    runs = [r for a in study.get("arms", []) for r in a.get("runs", []) if r.get("status") == "ok" and r.get("run_dir")]
+    if not runs:
+        return "no run to re-run"
+    rec = json.loads((Path(runs[0]["run_dir"]) / "result.json").read_text())
+    overrides = [o for o in rec["overrides"] if not o.startswith(("results_dir=", "hydra.", "sweep.", "+study_run."))]
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {**os.environ, "OMP_NUM_THREADS": str(rec["environment"]["threads"])}
+        cmd = ["harness", "run", *overrides, f"results_dir={tmp}", "trainer.progress=none"]
+        subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
+        again = [json.loads(p.read_text()) for p in Path(tmp).glob("**/result.json")]
+    if len(again) != 1:
+        return f"re-run of {runs[0]['label']} wrote no record"
+    same = again[0]["run_key"] == rec["run_key"] and all(
+        again[0]["metrics"].get(k) == v for k, v in rec["metrics"].items()
+    )
+    return f"re-run of {runs[0]['label']}: {'identical metrics' if same else 'DIFFERENT metrics'} (run key {rec['run_key']})"
+
+
 def key_numbers(study: dict) -> str:
     v = study.get("verdict") or {}
     return (v.get("reason") or "").replace("|", "\\|")
+
+
+def rerun_lines() -> list[str]:
+    path = REFERENCE / "claims" / "rerun_check.json"
+    if not path.is_file():
+        return []
+    checks = json.loads(path.read_text())
+    return [
+        "**Re-run check** (`python scripts/reference_claims.py --verify`): one seed run of each claim re-run from its",
+        "record on this machine: " + "; ".join(f"`{k}`: {v}" for k, v in checks.items()) + ".",
+        "",
+    ]
 
 
 def readme() -> str:
@@ -86,7 +130,9 @@ def readme() -> str:
         s = study.get("study")
         scale = s.get("scale") if isinstance(s, dict) else study.get("scale")
         verdict = (study.get("verdict") or {}).get("verdict", "–")
-        rows.append(f"| `{name}` | {scale or '–'} | **{verdict}** | {key_numbers(study)} | [report](claims/{name}/report.md) |")
+        rows.append(
+            f"| `{name}` | {scale or '–'} | **{verdict}** | {key_numbers(study)} | [report](claims/{name}/report.md) |"
+        )
     return "\n".join(
         [
             "# Reference results: the ten claims",
@@ -102,6 +148,7 @@ def readme() -> str:
             "verdict at this scale says what the protocol finds on that small problem, not whether the paper's result holds",
             "at its own scale: run `study.scale=gpu` for that. `inconclusive` reports name the seeds that would resolve them.",
             "",
+            *rerun_lines(),
             "| claim | scale run | verdict | key numbers (from the report) | report |",
             "|---|---|---|---|---|",
             *rows,
@@ -117,17 +164,27 @@ def main() -> int:
     ap.add_argument("--scratch", default=str(ROOT / "results" / "claims-scratch"))
     ap.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
     ap.add_argument("--readme-only", action="store_true")
+    ap.add_argument("--verify", action="store_true", help="re-run one run of each filed claim from its record")
     args = ap.parse_args()
     names = [n for n in args.only.split(",") if n] or [p.stem for p in sorted(CLAIMS.glob("*.yaml"))]
     if not args.readme_only:
         scratch = Path(args.scratch)
         scratch.mkdir(parents=True, exist_ok=True)
         with open(scratch / "reference_claims.log", "a") as log:
-            log.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} on {platform.node()} ({platform.machine()}), python {sys.version.split()[0]}\n")
+            log.write(
+                f"# {time.strftime('%Y-%m-%d %H:%M:%S')} on {platform.node()} ({platform.machine()}), python {sys.version.split()[0]}\n"
+            )
             for name in names:
                 rc = run_claim(name, args.scale, scratch, args.data_dir, log)
                 dst = file_claim(name, scratch)
                 print(f"{name}: rc={rc} -> {dst or 'no report'}", flush=True)
+    if args.verify:
+        checks = {}
+        for name in names:
+            if (REFERENCE / "claims" / name / "study.json").is_file():
+                checks[name] = verify_claim(name, Path(args.scratch))
+                print(f"{name}: {checks[name]}", flush=True)
+        (REFERENCE / "claims" / "rerun_check.json").write_text(json.dumps(checks, indent=2) + "\n")
     REFERENCE.mkdir(parents=True, exist_ok=True)
     (REFERENCE / "README.md").write_text(readme())
     print(f"wrote {REFERENCE / 'README.md'}")
