@@ -90,7 +90,8 @@ def verify_claim(name: str, scratch: Path) -> str:
     overrides = [o for o in rec["overrides"] if not o.startswith(("results_dir=", "hydra.", "sweep.", "+study_run."))]
     with tempfile.TemporaryDirectory() as tmp:
         env = {**os.environ, "OMP_NUM_THREADS": str(rec["environment"]["threads"])}
-        cmd = ["harness", "run", *overrides, f"results_dir={tmp}", "trainer.progress=none"]
+        quiet = [] if any(o.startswith("trainer.progress=") for o in overrides) else ["trainer.progress=none"]
+        cmd = ["harness", "run", *overrides, f"results_dir={tmp}", *quiet]
         subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
         again = [json.loads(p.read_text()) for p in Path(tmp).glob("**/result.json")]
     if len(again) != 1:
