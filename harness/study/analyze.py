@@ -325,7 +325,7 @@ def decide(
         return _ratio_below(crit, arm, m, vm, versus if crit.get("versus") else None)
     a = _values(arm["runs"], m)
     b = _values(versus["runs"], vm)
-    what = m if vm == m else f"{arm['name']} {m} vs {versus['name']} {vm}"
+    what = f"{m}, {arm['name']} vs {versus['name']}" if vm == m else f"{arm['name']} {m} vs {versus['name']} {vm}"
     base = {
         "criterion": crit,
         "metric": m,
