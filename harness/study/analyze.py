@@ -49,21 +49,27 @@ def better(a: float, b: float, direction: str) -> bool:
 
 
 def select(study: Study, jobs: list[Job], recs: dict[str, dict[str, Any] | None]) -> dict[str, dict[str, Any]]:
-    """Each arm's selected hyper-parameters (``{}``: its published defaults when the budget is 0)."""
+    """Each arm's selected hyper-parameters (``{}``: its published defaults when the budget is 0): the best
+    trial on the task's validation metric; ties (a small validation split saturates) go to the lower
+    validation loss, then to the earlier trial."""
     if study.budget == 0:
         return {a.name: {} for a in study.arms}
     task = task_info(list(recs.values()))
     metric = f"{task['split']}_{task['metric']}"
+    sign = 1.0 if task["direction"] == "max" else -1.0
     out: dict[str, dict[str, Any]] = {}
     for arm in study.arms:
         best = None
         for job in (j for j in jobs if j.arm == arm.name):
             rec = recs.get(job.label)
-            value = (rec or {}).get("metrics", {}).get(metric) if rec and rec.get("status") == "ok" else None
+            m = (rec or {}).get("metrics") or {}
+            value = m.get(metric) if rec and rec.get("status") == "ok" else None
             if value is None or not math.isfinite(value):
                 continue
-            if best is None or better(value, best[0], task["direction"]):
-                best = (value, job)
+            loss = m.get(f"{task['split']}_loss")
+            key = (sign * value, -loss if isinstance(loss, (int, float)) and math.isfinite(loss) else -math.inf)
+            if best is None or key > best[0]:
+                best = (key, job)
         if best is not None:
             out[arm.name] = dict(best[1].params)
     return out
