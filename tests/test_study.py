@@ -35,7 +35,8 @@ def test_smoke_study_runs_end_to_end_with_equal_budget_and_a_verdict(smoke):
     for arm in study["arms"]:
         assert arm["budget_trials"] == 3 and len(arm["runs"]) == 2  # every arm, the baseline too
         assert {r["seed"] for r in arm["runs"]} == {1, 2} and {t["seed"] for t in arm["trials"]} == {0}  # fresh seeds
-        best = max(arm["trials"], key=lambda t: t["value"])  # trial values are validation accuracies
+        # trial values are validation accuracies; ties go to the lower validation loss
+        best = max(arm["trials"], key=lambda t: (t["value"], -t["metrics"]["val_loss"]))
         assert arm["selected"] == best["params"]
         assert all(r["params"] == best["params"] for r in arm["runs"])
     by_key = {r["run_key"]: r for r in recs}
