@@ -83,6 +83,8 @@ def test_report_numbers_match_the_leaderboard(smoke):
         row = board.table.set_index("key").loc[key]
         assert row["n"] == len(arm["values"]) == 2
         assert row["mean"] == pytest.approx(arm["mean"], abs=1e-12)
+        if arm["ci"]:  # the same interval (the leaderboard's mean_interval)
+            assert [row["ci_lo"], row["ci_hi"]] == pytest.approx(arm["ci"], abs=1e-12)
 
 
 def base_study(**kw):

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
+from harness.analysis import leaderboard as L
 from harness.records import METRIC_DIRECTIONS
 from harness.study.plan import Job
 from harness.study.spec import Study
@@ -76,37 +77,31 @@ def select(study: Study, jobs: list[Job], recs: dict[str, dict[str, Any] | None]
 
 
 def holm(pvalues: dict[str, float | None]) -> dict[str, float | None]:
-    """Holm–Bonferroni adjusted p-values (None stays None and is not counted)."""
-    named = sorted(((p, k) for k, p in pvalues.items() if p is not None), key=lambda t: t[0])
-    m, out, running = len(named), {k: None for k in pvalues}, 0.0
-    for i, (p, k) in enumerate(named):
-        running = max(running, min(1.0, (m - i) * p))
-        out[k] = running
-    return out
+    """Holm–Bonferroni adjusted p-values by arm (None stays None and is not counted): the leaderboard's
+    ``holm``, so a study and a leaderboard over the same records agree."""
+    names = list(pvalues)
+    adj = L.holm([math.nan if pvalues[k] is None else pvalues[k] for k in names])
+    return {k: (None if not math.isfinite(v) else float(v)) for k, v in zip(names, adj)}
 
 
 def summary(values: list[float], proportion: bool = False) -> dict[str, Any]:
+    """Mean, sample std and the leaderboard's 95% interval of the mean (BCa bootstrap for proportions,
+    Student's t otherwise)."""
     x = np.asarray(values, dtype=float)
     n = len(x)
-    out: dict[str, Any] = {
-        "n": n,
-        "mean": float(x.mean()) if n else None,
-        "std": float(x.std(ddof=1)) if n > 1 else None,
-    }
-    if n > 1 and out["std"] > 0:
-        lo, hi = stats.t.interval(0.95, n - 1, loc=out["mean"], scale=out["std"] / math.sqrt(n))
-        if proportion and ((x >= 0) & (x <= 1)).all():  # an accuracy's interval stays inside [0, 1]
-            lo, hi = max(lo, 0.0), min(hi, 1.0)
-        out["ci"] = [float(lo), float(hi)]
-    else:
-        out["ci"] = None
+    out: dict[str, Any] = {"n": n, "mean": float(x.mean()) if n else None, "std": float(x.std(ddof=1)) if n > 1 else None}
+    lo, hi = L.mean_interval(x, proportion=proportion)
+    out["ci"] = [lo, hi] if n > 1 and math.isfinite(lo) and lo != hi else None
     return out
 
 
 def compare(a: list[float], b: list[float], direction: str, alpha: float) -> dict[str, Any]:
-    """Arm ``a`` against ``b``: difference of means (raw units), bootstrap interval, Welch p, P(improvement)."""
+    """Arm ``a`` against ``b``: difference of means (raw units) and Welch's p-value as the leaderboard
+    computes them, a percentile bootstrap interval of the difference, and P(improvement) over seed pairs."""
     xa, xb = np.asarray(a, float), np.asarray(b, float)
-    out: dict[str, Any] = {"delta": float(xa.mean() - xb.mean()) if len(xa) and len(xb) else None}
+    welch = L.compare(xa, xb)
+    out: dict[str, Any] = {"delta": welch["delta"] if math.isfinite(welch["delta"]) else None}
+    out["p"] = welch["p_value"] if math.isfinite(welch["p_value"]) else None
     out["delta_ci"] = None
     if len(xa) > 1 and len(xb) > 1 and (xa.std() > 0 or xb.std() > 0):
         res = stats.bootstrap(
@@ -114,9 +109,6 @@ def compare(a: list[float], b: list[float], direction: str, alpha: float) -> dic
             n_resamples=4000, method="percentile", random_state=0, vectorized=True,
         )  # fmt: skip
         out["delta_ci"] = [float(res.confidence_interval.low), float(res.confidence_interval.high)]
-    out["p"] = None
-    if len(xa) > 1 and len(xb) > 1 and xa.std(ddof=1) > 0 and xb.std(ddof=1) > 0:
-        out["p"] = float(stats.ttest_ind(xa, xb, equal_var=False).pvalue)
     if len(xa) and len(xb):
         wins = sum(1.0 if better(x, y, direction) else 0.5 if x == y else 0.0 for x in xa for y in xb)
         out["prob_improvement"] = wins / (len(xa) * len(xb))
@@ -202,7 +194,7 @@ def analyze(
         )
     base = next(a for a in arms if a["baseline"])
     for a in arms:
-        a.update(summary(a["values"], proportion=metric.endswith(("_acc", "_top5"))))
+        a.update(summary(a["values"], proportion=L.is_proportion(metric)))
         a["comparison"] = None if a["baseline"] else compare(a["values"], base["values"], direction, study.alpha)
     adjusted = holm({a["name"]: a["comparison"]["p"] for a in arms if a["comparison"]})
     for a in arms:
