@@ -157,6 +157,22 @@ def seed_jobs(study: Study, selected: dict[str, dict[str, Any]]) -> list[Job]:
     ]
 
 
+def as_run_sees_it(cfg: DictConfig) -> DictConfig:
+    """A composed config (with its ``hydra`` node) as the run will resolve it: without the hydra node, with
+    the task's baseline recipe applied (so the baseline arm's default learning rate is the task's)."""
+    from omegaconf import open_dict
+
+    from harness.run.experiment import apply_baseline_recipe
+
+    choices = {k: v for k, v in cfg.hydra.runtime.choices.items() if not k.startswith("hydra") and v is not None}
+    overrides = list(cfg.hydra.overrides.task)
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        del cfg["hydra"]
+    apply_baseline_recipe(cfg, choices, overrides)
+    return cfg
+
+
 def check_study(study: Study, extra: list[str] | None = None) -> None:
     """Before any run: every arm composes with the study's task, and every search space lies inside its
     hyper-parameters' valid ranges. Raises ConfigError."""
@@ -172,7 +188,7 @@ def check_study(study: Study, extra: list[str] | None = None) -> None:
 
         def composed(overrides: list[str]) -> DictConfig:
             try:
-                return compose("config", overrides=[*overrides, *(extra or [])])
+                return as_run_sees_it(compose("config", overrides=[*overrides, *(extra or [])], return_hydra_config=True))
             except Exception as e:  # noqa: BLE001  Hydra's composition errors name the override
                 raise ConfigError(f"study {study.name}: {str(e).splitlines()[0]}") from e
 

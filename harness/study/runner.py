@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from harness.records import RECORD_NAME, read_record
 from harness.study import analyze, report
-from harness.study.plan import Job, scan_jobs, seed_jobs, tuning_jobs
+from harness.study.plan import Job, as_run_sees_it, scan_jobs, seed_jobs, tuning_jobs
 from harness.study.spec import Study, load
 
 log = logging.getLogger("harness")
@@ -46,10 +46,7 @@ class StudyRunner:
         return self.loader.load_sweep_config(self.config, list(overrides))
 
     def compose(self, overrides: list[str]) -> DictConfig:
-        cfg = self.compose_full([*overrides, *self.passthrough])
-        with open_dict(cfg):
-            del cfg["hydra"]
-        return cfg
+        return as_run_sees_it(self.compose_full([*overrides, *self.passthrough]))
 
     def run_key(self, job: Job) -> str:
         from harness.run.experiment import planned_run_key
