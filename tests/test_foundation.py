@@ -108,14 +108,14 @@ def test_nan_loss_is_recorded_as_diverged(tmp_path):
 
 
 def test_multirun_with_one_failing_job_keeps_every_record(tmp_path):
-    # a negative width makes the model fail while it is built, after the run has started
-    p = harness("run", "-m", *QUICK, "trainer.epochs=1", "model.width=8,-1,16", f"results_dir={tmp_path}")
+    # a learning rate of 1e6 passes every check and makes the loss non-finite after the run has started
+    p = harness("run", "-m", *QUICK, "trainer.epochs=1", "optimizer.lr=0.05,1e6,0.1", f"results_dir={tmp_path}")
     assert p.returncode != 0  # the sweep reports the failure
     recs = records(tmp_path)
     assert len(recs) == 3
-    by_width = {r["config"]["model"]["width"]: r for r in recs}
-    assert by_width[-1]["status"] == "failed" and by_width[-1]["error"]
-    assert by_width[8]["status"] == by_width[16]["status"] == "ok"
+    by_lr = {r["config"]["optimizer"]["lr"]: r for r in recs}
+    assert by_lr[1e6]["status"] == "diverged" and by_lr[1e6]["error"]
+    assert by_lr[0.05]["status"] == by_lr[0.1]["status"] == "ok"
     assert all("/sweeps/" in r["run_dir"] for r in recs)
 
 
@@ -162,7 +162,7 @@ def test_results_dir_on_a_read_only_filesystem_is_refused():
 def test_cli_list_and_unknown_subcommand():
     p = harness("list")
     assert p.returncode == 0
-    for group in ("model:", "dataset:", "optimizer:", "schedule:", "precision:", "experiment:"):
+    for group in ("model:", "dataset:", "optimizer:", "schedule:", "precision:", "task:", "study:"):
         assert group in p.stdout
     p = harness("list", "optimizer")
     assert p.returncode == 0 and "sgd" in p.stdout and "adamw" in p.stdout and "Loshchilov" in p.stdout

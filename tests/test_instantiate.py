@@ -65,7 +65,7 @@ def test_typed_harness_key_refused_with_its_name():
         ),
         ("sgd", "dampening", 2.0, r"optimizer.dampening=2.0 is invalid: a finite number must be in \[0, 1\]"),
         # the class's own check (no shared range): its message, and the choice named
-        ("adamp", "eps", -1.0, r"bad hyper-parameters for optimizer=adamp: .*eps"),
+        ("adamp", "eps", -1.0, r"optimizer.eps=-1.0 is invalid: a finite number must be in \[0, inf\)"),
         ("sgd", "nesterovv", True, r"optimizer=sgd.*nesterovv"),
     ],
 )

@@ -50,6 +50,7 @@ RANGES = {
     "weight_decay": (0.0, math.inf, False),
     "momentum": (0.0, 1.0, False),
     "dampening": (0.0, 1.0, True),
+    "eps": (0.0, math.inf, False),  # timm's AdamP/SGDP do not check it themselves
     "betas": (0.0, 1.0, False),
     "adamw_lr": (0.0, math.inf, False),
     "adamw_betas": (0.0, 1.0, False),
