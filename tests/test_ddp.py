@@ -53,6 +53,7 @@ def test_torchrun_two_ranks_matches_single_process(tmp_path):
         "backend": "gloo",
         "global_batch_size": 64,
         "per_rank_batch_size": 32,
+        "rank_seeds": "rank r trains with torch seed 0 + r * 1000003 (+ the step of a resume)",  # own dropout masks
     }
     assert one["distributed"]["world_size"] == 1
     # same recipe: same steps, same samples per epoch, same run_key (same experiment)

@@ -176,8 +176,10 @@ def cifar_jpeg_subset(tmp_path_factory):
 def test_one_epoch_on_cifar10_jpeg_imagefolder(tmp_path, cifar_jpeg_subset, model):
     p = harness(
         "run",
+        "task=resnet18_cifar10",  # a task's model and dataset may be swapped on purpose (its identity then differs)
         f"model={model}",
         "dataset=imagefolder",
+        "dataset.val_size=0",
         f"dataset.root={cifar_jpeg_subset}",
         "dataset.image_size=32",
         "dataset.crop_pct=1.0",
