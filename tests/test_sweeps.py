@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from harness.records import RECORD_NAME, read_record, write_record
+from harness.run.checkpoint import load_checkpoint
 
 pytest.importorskip("hydra_plugins.hydra_joblib_launcher", reason="pip install -e .[cluster] (hydra-joblib-launcher)")
 
@@ -146,9 +147,8 @@ def test_sigterm_checkpoints_mid_epoch_and_resume_is_exact(tmp_path):
     assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
     assert not list((tmp_path / "cut").rglob(RECORD_NAME))
     (ckpt,) = (tmp_path / "cut").rglob("checkpoint.pt")
-    import torch
 
-    state = torch.load(ckpt, weights_only=True)
+    state = load_checkpoint(ckpt)  # checksummed: read through the harness
     assert state["epoch"] == 1 and state["partial"]["batch"] >= 5  # mid-epoch 2, not the epoch-1 checkpoint
 
     resumed = harness_run(*args, f"results_dir={tmp_path / 'cut'}", "resume=true", cwd=tmp_path)
