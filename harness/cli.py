@@ -100,12 +100,16 @@ def sweep_dir_overrides(args: list[str]) -> list[str]:
     the overrides that are not swept are excluded from ``hydra.job.override_dirname``."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    if not {"-m", "--multirun"} & set(args) or any("override_dirname.exclude_keys" in a for a in args):
+    if not {"-m", "--multirun"} & set(args):
         return []
-    parsed = OverridesParser.create().parse_overrides([a for a in args if not a.startswith("-") and "=" in a])
-    fixed = sorted(
-        {o.key_or_group for o in parsed if not o.is_sweep_override() and not o.key_or_group.startswith("hydra")}
+    given = [a for a in args if "override_dirname.exclude_keys" in a]  # e.g. from a printed continue command
+    parsed = OverridesParser.create().parse_overrides(
+        [a for a in args if not a.startswith("-") and "=" in a and a not in given]
     )
+    fixed = {o.key_or_group for o in parsed if not o.is_sweep_override() and not o.key_or_group.startswith("hydra")}
+    for a in given:  # keep what the user excluded, add what this command line fixes
+        fixed |= {k.strip() for k in a.split("=", 1)[1].strip("[]").split(",") if k.strip()}
+    fixed = sorted(fixed | {"sweep.skip_completed"})  # continuing a sweep keeps its job directories
     return [f"hydra.job.config.override_dirname.exclude_keys=[{','.join(fixed)}]"] if fixed else []
 
 
@@ -177,7 +181,9 @@ def run(args: list[str], study: bool = False) -> int:
     try:
         extra = check_overrides(args)
         args = args if study else [*args, *extra]  # a study names its task in each of its runs
-        args = args if study else [*args, *sweep_dir_overrides(args)]
+        if not study:
+            extra_dir = sweep_dir_overrides(args)
+            args = [a for a in args if "override_dirname.exclude_keys" not in a] + extra_dir
     except ConfigError as e:
         return fail(str(e))
     register_schema()
