@@ -84,6 +84,7 @@ def verify_claim(name: str, scratch: Path) -> str:
 
     study = json.loads((REFERENCE / "claims" / name / "study.json").read_text())
     runs = [r for a in study.get("arms", []) for r in a.get("runs", []) if r.get("status") == "ok" and r.get("run_dir")]
+    runs += [r for r in study.get("runs", []) if r.get("status") == "ok" and r.get("run_dir")]  # lr scans
     if not runs:
         return "no run to re-run"
     rec = json.loads((Path(runs[0]["run_dir"]) / "result.json").read_text())
@@ -180,7 +181,8 @@ def main() -> int:
                 dst = file_claim(name, scratch)
                 print(f"{name}: rc={rc} -> {dst or 'no report'}", flush=True)
     if args.verify:
-        checks = {}
+        path = REFERENCE / "claims" / "rerun_check.json"
+        checks = json.loads(path.read_text()) if path.is_file() else {}
         for name in names:
             if (REFERENCE / "claims" / name / "study.json").is_file():
                 checks[name] = verify_claim(name, Path(args.scratch))
