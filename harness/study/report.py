@@ -210,7 +210,7 @@ def markdown(result: dict[str, Any], plots: dict[str, str]) -> str:
         else "- Tuning: none (budget 0): every arm runs its published defaults.",
         f"- Seeds: {len(s['seeds'])} fresh seeds per arm ({', '.join(map(str, s['seeds']))}); reported metric `{m}`, "
         f"{'higher' if result['direction'] == 'max' else 'lower'} is better.",
-        f"- Statistics: mean ± sample std, 95% t interval; Δ = arm − baseline with a percentile bootstrap 95% interval; Welch's t-test, "
+        f"- Statistics: mean ± sample std, 95% interval of the mean (BCa bootstrap for proportions, Student's t otherwise: the leaderboard's); Δ = arm − baseline with a percentile bootstrap 95% interval; Welch's t-test, "
         f"Holm–Bonferroni-corrected over {sum(1 for a in result['arms'] if not a['baseline'])} comparisons; P(improve) over all seed pairs.",
         f"- Command: `{prov['command']}`; harness commit `{prov['commit']}`; machine {prov['machine']}; generated {prov['generated']}.",
         "",
