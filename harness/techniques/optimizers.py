@@ -266,7 +266,7 @@ def check_ranges(params: dict[str, Any]) -> None:
         if value is None:
             continue
         values = value if isinstance(value, list | tuple) else [value]
-        for v in values:
+        for v in (v for v in values if v is not None):  # Adafactor's eps=(None, 1e-3): None is its own default
             ok = isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v >= lo
             ok = ok and (v <= hi if hi_incl else v < hi)
             if not ok:
