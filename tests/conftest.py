@@ -18,7 +18,9 @@ def harness(
     *args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 600
 ) -> subprocess.CompletedProcess:
     """Run ``harness <args>`` as a user would (``python -m harness`` so the test's interpreter is used)."""
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "HARNESS_OFFLINE": "1", **(env or {})}
+    # one intra-op thread per run: the suite runs two test workers on two cores (pytest -n 2), and the tests'
+    # small models gain nothing from a second thread
+    full_env = {"OMP_NUM_THREADS": "1", **os.environ, "PYTHONUNBUFFERED": "1", "HARNESS_OFFLINE": "1", **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "harness", *args],
         cwd=cwd or ROOT,

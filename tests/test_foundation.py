@@ -79,7 +79,11 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
         f"hydra.run.dir={run_dir}",
     ]
     proc = subprocess.Popen(
-        cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "HARNESS_OFFLINE": "1"}
+        cmd,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=open(tmp_path / "killed.log", "w"),  # noqa: SIM115  (a file: a full pipe would stall the run)
+        env={"OMP_NUM_THREADS": "1", **os.environ, "HARNESS_OFFLINE": "1"},  # as harness() runs: same run key
     )
     ckpt = run_dir / "checkpoint.pt"
     deadline = time.time() + 300
@@ -87,7 +91,8 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert ckpt.exists() and not (run_dir / "result.json").exists(), "the run must be killed mid-way"
+    err = (tmp_path / "killed.log").read_text()
+    assert ckpt.exists() and not (run_dir / "result.json").exists(), f"the run must be killed mid-way: {err[-2000:]}"
 
     again = harness("run", *args, f"results_dir={tmp_path / 'interrupted'}", f"hydra.run.dir={run_dir}")
     assert again.returncode == 0, again.stderr[-3000:]
