@@ -243,9 +243,7 @@ def technique_identity(
         elif not _is_neutral(g, c) or diffs[g]:
             parts.append(f"{g}={c}" if c in ("none", "default", "auto", "") else c)
     names = [k for d in diffs.values() for k in d]
-    hp = [
-        f"{g + '.' + k if names.count(k) > 1 else k}={_fmt_value(v)}" for g, d in diffs.items() for k, v in d.items()
-    ]
+    hp = [f"{g + '.' + k if names.count(k) > 1 else k}={_fmt_value(v)}" for g, d in diffs.items() for k, v in d.items()]
     label = "+".join(parts) + (f" ({', '.join(hp)})" if hp else "")
     key = hashlib.sha1(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:12]
     return {"key": key, "label": label, "choices": canon}

@@ -50,7 +50,9 @@ def test_one_claim_runs_end_to_end_at_a_tiny_size(tmp_path):
     )
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     study = json.loads((tmp_path / "studies" / "squentropy" / "study.json").read_text())
-    assert [a["name"] for a in study["arms"]] == ["ce", "squentropy"] and all(len(a["runs"]) == 2 for a in study["arms"])
+    assert [a["name"] for a in study["arms"]] == ["ce", "squentropy"] and all(
+        len(a["runs"]) == 2 for a in study["arms"]
+    )
     assert study["verdict"]["verdict"] in ("reproduced", "contradicted", "inconclusive")
     assert len(study["verdict"]["parts"]) == 3  # accuracy not worse, lower ECE, lower std
     assert len(records(tmp_path)) == 4
@@ -58,14 +60,24 @@ def test_one_claim_runs_end_to_end_at_a_tiny_size(tmp_path):
 
 def test_lr_scan_recovers_a_known_slope():
     """Fake records whose largest stable learning rate doubles with the batch size: slope 1."""
-    study = load("claims/lr_batch_scaling", ["study.lr_scan={batch_sizes: [16, 32, 64, 128], lr: {low: 0.001, high: 1.0, n: 11}, steps: 10}"])
+    study = load(
+        "claims/lr_batch_scaling",
+        ["study.lr_scan={batch_sizes: [16, 32, 64, 128], lr: {low: 0.001, high: 1.0, n: 11}, steps: 10}"],
+    )
     lrs = [10 ** (-3 + 3 * i / 10) for i in range(11)]
     jobs, recs = [], {}
     for arm, exponent in (("sgd", 1.0), ("adam", 0.5)):
         for b in (16, 32, 64, 128):
             limit = 0.004 * (b / 16) ** exponent
             for i, lr in enumerate(lrs):
-                job = Job("scan", arm, i, 0, {"trainer.batch_size": b, "optimizer.lr": lr, "trainer.max_steps": 10}, tag=f"b{b}_lr{i}")
+                job = Job(
+                    "scan",
+                    arm,
+                    i,
+                    0,
+                    {"trainer.batch_size": b, "optimizer.lr": lr, "trainer.max_steps": 10},
+                    tag=f"b{b}_lr{i}",
+                )
                 jobs.append(job)
                 ok = lr <= limit
                 recs[job.label] = {

@@ -247,7 +247,9 @@ def build_wikitext(
 ) -> DataBundle:
     tokenizer, variant = str(tokenizer), str(variant)
     if eval_tokens is not None and (not isinstance(eval_tokens, int) or eval_tokens < int(context) + 1):
-        raise ConfigError(f"dataset.eval_tokens={eval_tokens!r} must be null (whole splits) or an integer > dataset.context")
+        raise ConfigError(
+            f"dataset.eval_tokens={eval_tokens!r} must be null (whole splits) or an integer > dataset.context"
+        )
     if tokenizer not in TOKENIZERS:
         raise ConfigError(f"dataset.tokenizer={tokenizer!r}; valid choices: {', '.join(TOKENIZERS)}")
     if variant not in VARIANTS:

@@ -249,7 +249,9 @@ def assemble(plan: Plan, extras: dict[str, Any]) -> Parts:
         run_dir=str(plan.run_dir),
     )
     ctx.extras.update({"run_key": plan.key, **extras})
-    est = preflight_duration(cfg, data, plan.device, build_model, build_optimizer, total, spe)  # printed before training
+    est = preflight_duration(
+        cfg, data, plan.device, build_model, build_optimizer, total, spe
+    )  # printed before training
     plan.duration = est.as_record() if est is not None else {}
     return Parts(data, techniques, ctx)
 
@@ -429,7 +431,9 @@ def remove_if_unused(run_dir: Path) -> None:
     leftovers = [p for p in run_dir.iterdir() if p.name != ".hydra" and p.suffix != ".log"]
     if not leftovers:
         shutil.rmtree(run_dir, ignore_errors=True)
-        for parent in list(run_dir.parents)[:3]:  # the date folder, runs/ (or the sweep folders) and results_dir, when empty
+        for parent in list(run_dir.parents)[
+            :3
+        ]:  # the date folder, runs/ (or the sweep folders) and results_dir, when empty
             try:
                 parent.rmdir()
             except OSError:

@@ -89,7 +89,11 @@ def summary(values: list[float], proportion: bool = False) -> dict[str, Any]:
     Student's t otherwise)."""
     x = np.asarray(values, dtype=float)
     n = len(x)
-    out: dict[str, Any] = {"n": n, "mean": float(x.mean()) if n else None, "std": float(x.std(ddof=1)) if n > 1 else None}
+    out: dict[str, Any] = {
+        "n": n,
+        "mean": float(x.mean()) if n else None,
+        "std": float(x.std(ddof=1)) if n > 1 else None,
+    }
     lo, hi = L.mean_interval(x, proportion=proportion)
     out["ci"] = [lo, hi] if n > 1 and math.isfinite(lo) and lo != hi else None
     return out

@@ -188,7 +188,9 @@ def check_study(study: Study, extra: list[str] | None = None) -> None:
 
         def composed(overrides: list[str]) -> DictConfig:
             try:
-                return as_run_sees_it(compose("config", overrides=[*overrides, *(extra or [])], return_hydra_config=True))
+                return as_run_sees_it(
+                    compose("config", overrides=[*overrides, *(extra or [])], return_hydra_config=True)
+                )
             except Exception as e:  # noqa: BLE001  Hydra's composition errors name the override
                 raise ConfigError(f"study {study.name}: {str(e).splitlines()[0]}") from e
 
