@@ -352,14 +352,15 @@ def versions() -> dict[str, Any]:
 
 
 def git_commit() -> str | None:
-    """The commit of the harness checkout, with ``-dirty`` when it has local changes."""
+    """The commit of the harness checkout, with ``-dirty`` when its code or configs have local changes
+    (outputs under ``results/`` do not count)."""
     root = Path(__file__).resolve().parents[1]
     try:
         sha = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
         if sha.returncode != 0:
             return None
         dirty = subprocess.run(
-            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no", "--", ".", ":!results"],
             capture_output=True,
             text=True,
             timeout=5,
