@@ -229,9 +229,16 @@ def markdown(result: dict[str, Any], plots: dict[str, str]) -> str:
         ]
     calib = [a for a in result["arms"] if a.get("test_ece") is not None]
     if calib:
+
+        def after(a: dict, key: str) -> str:
+            return f" → {a[key]:.4f} after post-hoc calibration" if a.get(key) is not None else ""
+
         out += [
             "Calibration (test, mean over seeds): "
-            + "; ".join(f"{a['name']} ECE {a['test_ece']:.4f}, NLL {a['test_nll']:.4f}" for a in calib)
+            + "; ".join(
+                f"{a['name']} ECE {a['test_ece']:.4f}{after(a, 'test_ece_after')}, NLL {a['test_nll']:.4f}{after(a, 'test_nll_after')}"
+                for a in calib
+            )
             + ".",
             "",
         ]
@@ -382,7 +389,7 @@ def plot(result: dict[str, Any]) -> dict[str, bytes]:
                 )
         ax.set_xticks(range(len(arms)), [a["name"] + ("\n(baseline)" if a["baseline"] else "") for a in arms])
         ax.set_ylabel(m + unit(m))
-        ax.set_title("fresh seeds (square: mean and 95% t interval)")
+        ax.set_title("fresh seeds (square: mean and its 95% interval)")
         fig.tight_layout()
         out["seeds"] = _png(fig)
     plt.close("all")
