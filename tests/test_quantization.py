@@ -247,7 +247,9 @@ def test_quantized_lm_evaluation_is_chunked_and_exact(monkeypatch):
     seen = []
     emb.register_forward_hook(lambda m, a, out: seen.append(out.shape[0] * out.shape[1]))
     x, y = torch.randint(0, 20, (10, 6)), torch.randint(0, 20, (10, 6))
-    monkeypatch.setattr(q, "LM_EVAL_CHUNK_TOKENS", 12)  # 2 sequences of 6 tokens per chunk
+    import harness.metrics.classification as mc
+
+    monkeypatch.setattr(mc, "LM_EVAL_CHUNK_TOKENS", 12)  # 2 sequences of 6 tokens per chunk
     got = q.evaluate(emb, Split(x, y), "lm", batch_size=5)
     ref = nn.functional.cross_entropy(emb(x).reshape(-1, 20), y.reshape(-1)).item()
     assert max(seen[:-1]) <= 12 and got["test_loss"] == pytest.approx(ref, rel=1e-6)

@@ -35,3 +35,21 @@ def classification_metrics(logits: Tensor, labels: Tensor, prefix: str = "test_"
 
 def perplexity(loss_per_token: float) -> float:
     return math.exp(loss_per_token) if loss_per_token < 100 else float("inf")
+
+
+LM_EVAL_CHUNK_TOKENS = 8192  # tokens whose float32 logits exist at once when a language model is evaluated
+
+
+def lm_nll_sum(forward, batch, total: Tensor | None = None) -> tuple[Tensor, int]:
+    """Summed next-token cross-entropy of one evaluation batch, in float64 on the device, computed in chunks
+    of ``LM_EVAL_CHUNK_TOKENS`` tokens so that only one chunk's float32 logits exist at a time (GPT-2 at an
+    evaluation batch of 512 would otherwise hold about 100 GB of logits). Adds to ``total`` when given;
+    returns it and the number of tokens. No host synchronisation."""
+    rows = max(1, LM_EVAL_CHUNK_TOKENS // batch.x.shape[1])
+    count = 0
+    for x, y in zip(batch.x.split(rows), batch.y.split(rows)):
+        logits = forward(x).float()
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum").double()
+        total = ce if total is None else total.to(ce.device) + ce
+        count += y.numel()
+    return total, count

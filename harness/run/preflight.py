@@ -23,6 +23,7 @@ from torch import nn
 
 from harness.data.spec import DataSpec
 from harness.errors import ConfigError
+from harness.metrics.classification import LM_EVAL_CHUNK_TOKENS
 from harness.run.precision import resolve_precision
 
 log = logging.getLogger("harness")
@@ -32,7 +33,6 @@ HEADROOM = 0.9  # refuse above this fraction of the available memory
 # optimizer state per parameter, in parameter-sized float32 tensors (Adam-family: two moments)
 STATE_FACTORS = {"sgd": 1, "sgd_nesterov": 1, "lion": 1, "adafactor": 0.1, "adamw8bit": 0.5, "rmsprop": 1, "adagrad": 1}
 DEFAULT_STATE_FACTOR = 2
-LM_EVAL_CHUNK_TOKENS = 8192  # harness.run.trainer evaluates language models in chunks of this many tokens
 
 
 @dataclass

@@ -26,14 +26,13 @@ from harness.errors import ConfigError
 from harness.hooks import Batch, RunContext, Technique, overrides, soft_cross_entropy
 from harness.infra import distributed, preemption
 from harness.metrics.calibration import calibration_metrics
-from harness.metrics.classification import classification_metrics, perplexity
+from harness.metrics.classification import classification_metrics, lm_nll_sum, perplexity
 from harness.run.checkpoint import CHECKPOINT_NAME, save_checkpoint
 from harness.run.precision import autocast_for, resolve_precision
 from harness.run.progress import Progress
 
 log = logging.getLogger("harness")
 
-LM_EVAL_CHUNK_TOKENS = 8192  # tokens whose float32 logits are held at once when evaluating a language model
 # values restored on resume, besides model / optimizer / schedule / scaler / technique states
 PROGRESS_STATE = (
     "epoch",
@@ -415,17 +414,11 @@ class Trainer:
 
     def lm_loss(self, split) -> float:
         """Mean next-token cross-entropy over a whole token split, in chunks that bound the float32 logits."""
-        total = torch.zeros((), device=self.device, dtype=torch.float64)
-        count = 0
+        total, count = torch.zeros((), device=self.device, dtype=torch.float64), 0
         with self._eval_mode(), self._eval_progress(split) as step:
             for batch in split.batches(self.cfg.trainer.eval_batch_size, train=False):
-                rows = max(1, LM_EVAL_CHUNK_TOKENS // batch.x.shape[1])
-                for x, y in zip(batch.x.split(rows), batch.y.split(rows)):
-                    logits = self.forward(x).float()
-                    total += nn.functional.cross_entropy(
-                        logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum"
-                    )
-                    count += y.numel()
+                total, n = lm_nll_sum(self.forward, batch, total)
+                count += n
                 step()
         return total.item() / max(count, 1)
 

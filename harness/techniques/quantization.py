@@ -34,10 +34,9 @@ from torch import Tensor, nn
 
 from harness.errors import ConfigError
 from harness.hooks import RunContext, Technique
-from harness.metrics.classification import classification_metrics, perplexity
+from harness.metrics.classification import classification_metrics, lm_nll_sum, perplexity
 
 FP8_MIN_CAPABILITY = (8, 9)
-LM_EVAL_CHUNK_TOKENS = 8192  # tokens whose float32 logits exist at once when evaluating a quantized language model
 FP8_RECIPES = ("tensorwise", "rowwise")
 PTQ_MODES = ("dynamic", "static")
 
@@ -92,15 +91,11 @@ def evaluate(model: nn.Module, split, task: str, batch_size: int, prefix: str = 
     was_training = model.training
     model.eval()
     try:
-        if task == "lm":  # in chunks of LM_EVAL_CHUNK_TOKENS: GPT-2 at batch 512 would hold ~100 GB of logits
-            total, count = torch.zeros((), dtype=torch.float64), 0
+        if task == "lm":  # chunked: harness.metrics.classification.lm_nll_sum
+            total, count = None, 0
             for b in split.batches(batch_size, train=False):
-                rows = max(1, LM_EVAL_CHUNK_TOKENS // b.x.shape[1])
-                for x, y in zip(b.x.split(rows), b.y.split(rows)):
-                    logits = model(x).float()
-                    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum")
-                    total = total.to(ce.device) + ce.double()  # on the device: one sync at the end
-                    count += y.numel()
+                total, n = lm_nll_sum(model, b, total)
+                count += n
             loss = total.item() / max(count, 1)
             return {f"{prefix}loss": loss, f"{prefix}ppl": perplexity(loss)}
         logits, labels = [], []
